@@ -1,0 +1,100 @@
+//! The gateway's configuration: command-line flags, each with an environment variable, with
+//! defaults that match the local set-up in DESIGN.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hookpipe_common::kafka::KafkaArgs;
+use hookpipe_common::parse_duration;
+
+/// ingest-gateway: receives webhook calls and publishes each one to Kafka as a protobuf
+/// envelope, answering 202 only once the broker holds it.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(version, about)]
+pub struct Config {
+    /// Address for webhook traffic (`POST|GET /ds/{stream_id}`).
+    #[arg(long, env = "HOOKPIPE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "HOOKPIPE_ADMIN_LISTEN", default_value = "127.0.0.1:9101")]
+    pub admin_listen: SocketAddr,
+
+    /// The stream catalogue (YAML). Reloaded when its content changes.
+    #[arg(long, env = "HOOKPIPE_CATALOGUE")]
+    pub catalogue: PathBuf,
+
+    /// How often the catalogue file is checked for changes.
+    #[arg(long, env = "HOOKPIPE_CATALOGUE_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub catalogue_reload_interval: Duration,
+
+    /// Largest accepted body in bytes; larger requests get 413 without the rest being read.
+    #[arg(long, env = "HOOKPIPE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Header whose value makes hit_id deterministic (UUID v5 of stream id + key), so a
+    /// sender's retry is recognised as the same hit.
+    #[arg(long, env = "HOOKPIPE_IDEMPOTENCY_HEADER", default_value = "Idempotency-Key")]
+    pub idempotency_header: String,
+
+    /// How long Kafka may take to acknowledge a message before the sender gets 503
+    /// (librdkafka `message.timeout.ms`).
+    #[arg(long, env = "HOOKPIPE_PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub publish_timeout: Duration,
+
+    /// How long a sender may take to send its body before it gets 408.
+    #[arg(long, env = "HOOKPIPE_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Requests handled at once; beyond it new requests get 503 at once instead of queueing.
+    #[arg(long, env = "HOOKPIPE_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// Messages the producer may hold unacknowledged before new requests get 503
+    /// (librdkafka `queue.buffering.max.messages`).
+    #[arg(long, env = "HOOKPIPE_PRODUCER_QUEUE_MESSAGES", default_value_t = 100_000)]
+    pub producer_queue_messages: usize,
+
+    /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
+    #[arg(long, env = "HOOKPIPE_PRODUCER_LINGER", default_value = "2ms", value_parser = parse_duration)]
+    pub producer_linger: Duration,
+
+    /// Compression for produced batches: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, env = "HOOKPIPE_PRODUCER_COMPRESSION", default_value = "lz4", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    pub producer_compression: String,
+
+    /// On SIGTERM: how long in-flight requests and unacknowledged messages may take to finish.
+    #[arg(long, env = "HOOKPIPE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+impl Config {
+    /// Cross-field rules; the message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        self.kafka.validate()?;
+        if self.max_body_bytes == 0 {
+            return Err("HOOKPIPE_MAX_BODY_BYTES must be at least 1".into());
+        }
+        // BigQuery's insertAll request limit is 10 MB; a row must fit with room to spare.
+        if self.max_body_bytes > 8 * 1024 * 1024 {
+            return Err("HOOKPIPE_MAX_BODY_BYTES above 8 MiB cannot be written to BigQuery in one request".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("HOOKPIPE_MAX_IN_FLIGHT must be at least 1".into());
+        }
+        if self.publish_timeout < Duration::from_millis(100) {
+            return Err("HOOKPIPE_PUBLISH_TIMEOUT must be at least 100ms".into());
+        }
+        if self.drain_timeout < self.publish_timeout {
+            return Err("HOOKPIPE_DRAIN_TIMEOUT must be at least HOOKPIPE_PUBLISH_TIMEOUT, or requests in flight at shutdown could be cut off before Kafka answers".into());
+        }
+        if axum::http::HeaderName::try_from(self.idempotency_header.as_str()).is_err() {
+            return Err(format!("HOOKPIPE_IDEMPOTENCY_HEADER `{}` is not a header name", self.idempotency_header));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,285 @@
+//! Router tests: every status of the webhook API, driven through the real router with
+//! `oneshot`. The publisher is an in-memory stand-in; the real-broker behaviour is covered by
+//! the integration tests in `tests/`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use hookpipe_common::Catalogue;
+use hookpipe_common::catalogue::Shared;
+use hookpipe_proto::{Envelope, Message};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use crate::http::{AppState, GatewayStreams, Limits, app};
+use crate::metrics::Metrics;
+use crate::publisher::{Publish, PublishError};
+
+const STREAM: &str = "522ed95e-9f07-45f6-a0b7-28bf2d0315e5";
+const BEARER_STREAM: &str = "8d0c3b8e-52a5-4c0e-9d2a-9a1f7e3c1d01";
+
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<(Vec<u8>, Envelope)>>,
+    fail: Mutex<Option<PublishError>>,
+}
+
+impl Publish for Recorder {
+    async fn publish(&self, key: &[u8], value: &[u8]) -> Result<(), PublishError> {
+        if let Some(error) = self.fail.lock().unwrap().clone() {
+            return Err(error);
+        }
+        let envelope = Envelope::decode(value).unwrap();
+        self.sent.lock().unwrap().push((key.to_vec(), envelope));
+        Ok(())
+    }
+    fn queue_len(&self) -> usize {
+        0
+    }
+    fn check_ready(&self, _: Duration) -> Result<(), String> {
+        Ok(())
+    }
+    fn flush(&self, _: Duration) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn state(recorder: Arc<Recorder>, slots: usize) -> Arc<AppState<Recorder>> {
+    let yaml = format!(
+        "streams:\n  - id: {STREAM}\n    table: p.d.t\n    timezone: \"+03:00\"\n  - id: {BEARER_STREAM}\n    table: p.d.t2\n    timezone: UTC\n    auth:\n      type: bearer\n      secrets: [{{file: {}}}]\n",
+        secret_file().display()
+    );
+    let streams = GatewayStreams::build(Catalogue::from_yaml(&yaml).unwrap()).unwrap();
+    Arc::new(AppState {
+        streams: Arc::new(Shared::new(streams)),
+        publisher: recorder,
+        metrics: Arc::new(Metrics::new()),
+        limits: Limits {
+            max_body_bytes: 1024,
+            body_timeout: Duration::from_secs(2),
+        },
+        slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+        idempotency_header: "idempotency-key".parse().unwrap(),
+    })
+}
+
+/// Written once: tests run in parallel and must not see a half-written file.
+fn secret_file() -> &'static std::path::Path {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("hookpipe-gw-test-token-{}", std::process::id()));
+        std::fs::write(&path, "tok-1\n").unwrap();
+        path
+    })
+}
+
+async fn call(state: Arc<AppState<Recorder>>, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    let response = app(state).oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, headers, json)
+}
+
+fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.into())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn accepted_post_publishes_the_body_byte_for_byte() {
+    let rec = Arc::new(Recorder::default());
+    let body = "orderId=N1&status=delivered&total=120.13&userId=U1";
+    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let hit_id = json["hit_id"].as_str().unwrap();
+    let sent = rec.sent.lock().unwrap();
+    assert_eq!(sent.len(), 1);
+    let (key, env) = &sent[0];
+    assert_eq!(key.as_slice(), hit_id.as_bytes(), "Kafka key is the hit_id");
+    assert_eq!(env.hit_id, hit_id);
+    assert_eq!(&env.payload[..], body.as_bytes());
+    assert_eq!(env.stream_id, STREAM);
+    assert_eq!(env.method, "POST");
+    assert_eq!(env.content_type, "application/x-www-form-urlencoded");
+}
+
+#[tokio::test]
+async fn get_postback_payload_is_the_raw_query_string() {
+    let rec = Arc::new(Recorder::default());
+    let q = "orderId=N1&status=delivered&note=a%20b&x=1&x=2";
+    let req = Request::get(format!("/ds/{STREAM}?{q}")).body(Body::empty()).unwrap();
+    let (status, _, _) = call(state(rec.clone(), 10), req).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let sent = rec.sent.lock().unwrap();
+    assert_eq!(&sent[0].1.payload[..], q.as_bytes());
+    assert_eq!(sent[0].1.query, q);
+    assert_eq!(sent[0].1.method, "GET");
+}
+
+#[tokio::test]
+async fn idempotency_key_gives_the_same_hit_id() {
+    let rec = Arc::new(Recorder::default());
+    let st = state(rec.clone(), 10);
+    let req = || {
+        Request::post(format!("/ds/{STREAM}"))
+            .header("idempotency-key", "N1-delivered")
+            .body(Body::from("a=1"))
+            .unwrap()
+    };
+    let (_, _, a) = call(st.clone(), req()).await;
+    let (_, _, b) = call(st, req()).await;
+    assert_eq!(a["hit_id"], b["hit_id"]);
+    assert_eq!(rec.sent.lock().unwrap()[0].1.idempotency_key.as_deref(), Some("N1-delivered"));
+}
+
+#[tokio::test]
+async fn unknown_or_malformed_stream_is_404() {
+    let rec = Arc::new(Recorder::default());
+    for path in [
+        "/ds/0b7c7c8e-3f7e-4c59-9a53-5d7f0f1f2b10".to_string(),
+        "/ds/not-a-uuid".into(),
+        format!("/ds/{STREAM}/"),
+        format!("/ds/{STREAM}/extra"),
+        "/elsewhere".into(),
+    ] {
+        let (status, _, json) = call(state(rec.clone(), 10), post(&path, "a=1")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(json["error"].is_string(), "{path}: {json}");
+    }
+    assert!(rec.sent.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn other_methods_are_405_with_allow() {
+    let rec = Arc::new(Recorder::default());
+    for method in ["PUT", "DELETE", "PATCH", "HEAD"] {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("/ds/{STREAM}"))
+            .body(Body::from("a=1"))
+            .unwrap();
+        let (status, headers, _) = call(state(rec.clone(), 10), req).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(headers["allow"], "GET, POST");
+    }
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_with_or_without_content_length() {
+    let rec = Arc::new(Recorder::default());
+    let big = "a".repeat(1025);
+    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), big.clone())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(json["error"], "payload too large");
+    // A streamed body carries no Content-Length: the limit applies while reading.
+    let stream = futures_stream(big.into_bytes());
+    let (status, _, _) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), stream)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    // Exactly at the limit is fine.
+    let (status, _, _) = call(state(rec, 10), post(&format!("/ds/{STREAM}"), "a".repeat(1024))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+fn futures_stream(data: Vec<u8>) -> Body {
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+        data.chunks(100).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    Body::from_stream(tokio_stream_iter(chunks))
+}
+
+fn tokio_stream_iter<T: Send + 'static>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Send {
+    struct Iter<T>(std::vec::IntoIter<T>);
+    impl<T> futures_core::Stream for Iter<T> {
+        type Item = T;
+        fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    impl<T> Unpin for Iter<T> {}
+    Iter(items.into_iter())
+}
+
+#[tokio::test]
+async fn non_utf8_and_empty_bodies_are_400() {
+    let rec = Arc::new(Recorder::default());
+    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), vec![0x66, 0xff, 0x6f])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "payload is not valid UTF-8");
+    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), "")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "empty payload");
+    let req = Request::get(format!("/ds/{STREAM}")).body(Body::empty()).unwrap();
+    let (status, _, _) = call(state(rec.clone(), 10), req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(rec.sent.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bearer_stream_needs_its_token() {
+    let rec = Arc::new(Recorder::default());
+    let path = format!("/ds/{BEARER_STREAM}");
+    let (status, headers, json) = call(state(rec.clone(), 10), post(&path, "a=1")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json["error"], "missing bearer token");
+    assert!(headers.contains_key("www-authenticate"));
+    let with = |token: &str| {
+        Request::post(&path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from("a=1"))
+            .unwrap()
+    };
+    let (status, _, json) = call(state(rec.clone(), 10), with("wrong")).await;
+    assert_eq!((status, json["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid token")));
+    let (status, _, _) = call(state(rec.clone(), 10), with("tok-1")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(rec.sent.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn broker_trouble_is_503_with_retry_after_and_never_2xx() {
+    for error in [
+        PublishError::QueueFull,
+        PublishError::Timeout,
+        PublishError::Broker("all brokers down".into()),
+    ] {
+        let rec = Arc::new(Recorder::default());
+        *rec.fail.lock().unwrap() = Some(error.clone());
+        let (status, headers, json) = call(state(rec, 10), post(&format!("/ds/{STREAM}"), "a=1")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
+        assert_eq!(headers["retry-after"], "1");
+        let reason = json["error"].as_str().unwrap();
+        assert!(!reason.contains("all brokers down"), "internal text leaked: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn no_free_slot_is_503_at_once() {
+    let rec = Arc::new(Recorder::default());
+    let (status, headers, json) = call(state(rec.clone(), 0), post(&format!("/ds/{STREAM}"), "a=1")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(json["error"], "too many requests in flight, retry later");
+    assert!(rec.sent.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_stream_and_status() {
+    let rec = Arc::new(Recorder::default());
+    let st = state(rec, 10);
+    call(st.clone(), post(&format!("/ds/{STREAM}"), "a=1")).await;
+    call(st.clone(), post("/ds/not-a-uuid", "a=1")).await;
+    let text = {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &st.metrics.registry.gather(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    assert!(text.contains(&format!("ingest_gateway_http_requests_total{{status=\"202\",stream=\"{STREAM}\"}} 1")), "{text}");
+    assert!(text.contains("ingest_gateway_http_requests_total{status=\"404\",stream=\"unknown\"} 1"), "{text}");
+    assert!(text.contains("ingest_gateway_kafka_publish_duration_seconds_count 1"), "{text}");
+    assert!(text.contains("ingest_gateway_http_requests_in_flight 0"), "{text}");
+}

@@ -1,0 +1,164 @@
+//! Start-up and shutdown of the gateway: parse configuration, load the catalogue, connect the
+//! producer, serve webhooks and the admin port, and drain cleanly on SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use hookpipe_common::Catalogue;
+use hookpipe_common::admin::{self, Readiness};
+use hookpipe_common::catalogue::{Shared, watch_catalogue};
+use ingest_gateway::config::Config;
+use ingest_gateway::http::{AppState, GatewayStreams, Limits, app};
+use ingest_gateway::metrics::Metrics;
+use ingest_gateway::publisher::{KafkaPublisher, Publish, producer_config};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    hookpipe_common::telemetry::init();
+    let config = Config::parse();
+    if let Err(problem) = config.validate() {
+        bail!("invalid configuration: {problem}");
+    }
+    tracing::info!(?config, "starting ingest-gateway");
+
+    let catalogue = Catalogue::load(&config.catalogue)?;
+    let streams = GatewayStreams::build(catalogue).map_err(|e| anyhow::anyhow!("stream catalogue: {e}"))?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.catalogue_streams.set(streams.catalogue.len() as i64);
+    let streams = Arc::new(Shared::new(streams));
+
+    let mut kafka_config = producer_config(
+        config.kafka.client_config(),
+        config.publish_timeout,
+        config.producer_queue_messages,
+        config.producer_linger,
+        &config.producer_compression,
+    );
+    config.kafka.apply_overrides(&mut kafka_config);
+    let publisher = Arc::new(
+        KafkaPublisher::new(&kafka_config, config.kafka.topic.clone(), config.publish_timeout)
+            .context("creating the Kafka producer")?,
+    );
+
+    let cancel = CancellationToken::new();
+    let admin_cancel = CancellationToken::new();
+    hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
+    let ready = Readiness::default();
+
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin address {}", config.admin_listen))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding webhook address {}", config.listen))?;
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, "listening");
+
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(metrics.registry.clone(), ready.clone()),
+        admin_cancel.clone(),
+    ));
+
+    tokio::spawn({
+        let (streams, metrics, cancel) = (streams.clone(), metrics.clone(), cancel.clone());
+        let gauge_metrics = metrics.clone();
+        watch_catalogue(
+            config.catalogue.clone(),
+            config.catalogue_reload_interval,
+            streams,
+            cancel,
+            move |catalogue| {
+                let built = GatewayStreams::build(catalogue)?;
+                gauge_metrics.catalogue_streams.set(built.catalogue.len() as i64);
+                Ok(built)
+            },
+            move |outcome| metrics.catalogue_reload(outcome.as_str()),
+        )
+    });
+
+    tokio::spawn(readiness_loop(publisher.clone(), metrics.clone(), ready.clone(), cancel.clone()));
+
+    let state = Arc::new(AppState {
+        streams,
+        publisher: publisher.clone(),
+        metrics,
+        limits: Limits {
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+        },
+        slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+        idempotency_header: config.idempotency_header.parse()?,
+    });
+    let server = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown({
+        let (cancel, ready) = (cancel.clone(), ready.clone());
+        async move {
+            cancel.cancelled().await;
+            // Readiness off first, so load balancers stop sending while in-flight requests end.
+            ready.set(false);
+        }
+    });
+    let drain_timeout = config.drain_timeout;
+    let serve_result = tokio::select! {
+        result = server => result.context("webhook server"),
+        () = async { cancel.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
+            tracing::warn!("drain timeout reached with requests still in flight");
+            Ok(())
+        }
+    };
+    tracing::info!("webhook server stopped, flushing the producer");
+    let flush = tokio::task::spawn_blocking({
+        let publisher = publisher.clone();
+        move || publisher.flush(drain_timeout)
+    })
+    .await?;
+    if let Err(error) = flush {
+        tracing::error!(%error, "producer flush did not complete");
+    }
+    admin_cancel.cancel();
+    admin_task.await??;
+    tracing::info!("ingest-gateway stopped");
+    serve_result
+}
+
+/// Keeps `/readyz` true only while the broker answers and the topic exists. Polls fast until
+/// the first success so a fresh pod becomes ready quickly.
+async fn readiness_loop(
+    publisher: Arc<KafkaPublisher>,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    cancel: CancellationToken,
+) {
+    let mut was_ready = false;
+    while !cancel.is_cancelled() {
+        let check = tokio::task::spawn_blocking({
+            let publisher = publisher.clone();
+            move || publisher.check_ready(Duration::from_secs(2))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        metrics.producer_queue.set(publisher.queue_len() as i64);
+        let now_ready = check.is_ok() && !cancel.is_cancelled();
+        if now_ready != was_ready {
+            match &check {
+                Ok(()) => tracing::info!("broker reachable, ready"),
+                Err(error) => tracing::warn!(%error, "broker not reachable, not ready"),
+            }
+        }
+        ready.set(now_ready);
+        was_ready = now_ready;
+        let pause = if now_ready { Duration::from_secs(2) } else { Duration::from_millis(250) };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    ready.set(false);
+}

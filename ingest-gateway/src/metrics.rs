@@ -1,0 +1,170 @@
+//! Every metric the gateway exports, defined once. Label values come from closed sets: the
+//! `stream` label is a catalogue stream id or `unknown`, never a raw path.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    publish_duration: Histogram,
+    payload_size: Histogram,
+    pub in_flight: IntGauge,
+    pub producer_queue: IntGauge,
+    auth_failures: IntCounterVec,
+    catalogue_reloads: IntCounterVec,
+    pub catalogue_streams: IntGauge,
+}
+
+/// Label value for requests whose stream id is not in the catalogue.
+pub const UNKNOWN_STREAM: &str = "unknown";
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Names are fixed and distinct, so registration cannot fail at run time.
+    #[allow(clippy::expect_used)]
+    registry.register(Box::new(metric.clone())).expect("metric registered twice");
+    metric
+}
+
+impl Metrics {
+    #[allow(clippy::expect_used)] // fixed, valid metric definitions
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("ingest_gateway_http_requests_total", "Webhook requests by stream and HTTP status"),
+                &["stream", "status"],
+            )
+            .expect("valid metric"),
+        );
+        let request_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "ingest_gateway_http_request_duration_seconds",
+                    "Time from request start to response, by outcome (accepted, rejected, unavailable)",
+                )
+                .buckets(latency_buckets.clone()),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        let publish_duration = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "ingest_gateway_kafka_publish_duration_seconds",
+                    "Time from handing a message to the producer to the broker's acknowledgement",
+                )
+                .buckets(latency_buckets),
+            )
+            .expect("valid metric"),
+        );
+        let payload_size = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new("ingest_gateway_payload_size_bytes", "Size of accepted payloads")
+                    .buckets(prometheus::exponential_buckets(64.0, 4.0, 9).expect("valid buckets")),
+            )
+            .expect("valid metric"),
+        );
+        let in_flight = register(
+            &registry,
+            IntGauge::new("ingest_gateway_http_requests_in_flight", "Webhook requests being handled").expect("valid metric"),
+        );
+        let producer_queue = register(
+            &registry,
+            IntGauge::new(
+                "ingest_gateway_kafka_producer_queue_messages",
+                "Messages handed to the producer and not yet acknowledged by the broker",
+            )
+            .expect("valid metric"),
+        );
+        let auth_failures = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("ingest_gateway_auth_failures_total", "Requests refused by a stream's auth rule"),
+                &["stream", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        let catalogue_reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("ingest_gateway_catalogue_reloads_total", "Catalogue reload attempts by outcome (applied, rejected)"),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        let catalogue_streams = register(
+            &registry,
+            IntGauge::new("ingest_gateway_catalogue_streams", "Streams in the catalogue in force").expect("valid metric"),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            publish_duration,
+            payload_size,
+            in_flight,
+            producer_queue,
+            auth_failures,
+            catalogue_reloads,
+            catalogue_streams,
+        }
+    }
+
+    pub fn request(&self, stream: &str, status: u16, seconds: f64) {
+        let outcome = match status {
+            200..=299 => "accepted",
+            503 => "unavailable",
+            _ => "rejected",
+        };
+        self.requests
+            .with_label_values(&[stream, itoa_status(status)])
+            .inc();
+        self.request_duration.with_label_values(&[outcome]).observe(seconds);
+    }
+
+    pub fn published(&self, seconds: f64, payload_bytes: usize) {
+        self.publish_duration.observe(seconds);
+        self.payload_size.observe(payload_bytes as f64);
+    }
+
+    pub fn auth_failure(&self, stream: &str, reason: &str) {
+        self.auth_failures.with_label_values(&[stream, reason]).inc();
+    }
+
+    pub fn catalogue_reload(&self, outcome: &str) {
+        self.catalogue_reloads.with_label_values(&[outcome]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Status codes as static strings, so labelling a request allocates nothing.
+fn itoa_status(status: u16) -> &'static str {
+    match status {
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        503 => "503",
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

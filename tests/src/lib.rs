@@ -1,0 +1,1 @@
+//! Helpers for the integration tests: start the binaries, talk to the broker and emulator.
