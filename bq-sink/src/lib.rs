@@ -1,1 +1,11 @@
-//! bq-sink
+//! bq-sink: the Kafka consumer group that turns envelopes into rows of each stream's BigQuery
+//! table, in micro-batches, committing offsets only after rows are written.
+
+pub mod batch;
+pub mod bigquery;
+pub mod config;
+pub mod deadletter;
+pub mod metrics;
+pub mod offsets;
+pub mod pipeline;
+pub mod row;

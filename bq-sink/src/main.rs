@@ -1,1 +1,158 @@
-fn main() {}
+//! Start-up and shutdown of the sink: parse configuration, load the catalogue, connect to
+//! BigQuery and Kafka, run the consumer loop and the admin port, and drain on SIGTERM.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bq_sink::batch::Limits;
+use bq_sink::bigquery::BigQuery;
+use bq_sink::config::Config;
+use bq_sink::deadletter::DeadLetters;
+use bq_sink::metrics::Metrics;
+use bq_sink::offsets::OffsetTracker;
+use bq_sink::pipeline::{Backoff, Pipeline, SinkConsumer, SinkContext, Writer};
+use clap::Parser;
+use hookpipe_common::Catalogue;
+use hookpipe_common::admin::{self, Readiness};
+use hookpipe_common::catalogue::{Shared, watch_catalogue};
+use rdkafka::consumer::Consumer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    hookpipe_common::telemetry::init();
+    let config = Config::parse();
+    if let Err(problem) = config.validate() {
+        bail!("invalid configuration: {problem}");
+    }
+    tracing::info!(?config, "starting bq-sink");
+
+    let catalogue = Arc::new(Shared::new(Catalogue::load(&config.catalogue)?));
+    let metrics = Arc::new(Metrics::new());
+    let warehouse = Arc::new(BigQuery::connect(&config.bigquery).await.context("connecting to BigQuery")?);
+
+    let base = config.kafka.client_config();
+    let mut dlq_config = base.clone();
+    config.kafka.apply_overrides(&mut dlq_config);
+    let dead_letters = Arc::new(DeadLetters::new(&dlq_config, config.dlq_topic.clone()).context("creating the dead-letter producer")?);
+
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let mut consumer_config = base;
+    consumer_config
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000");
+    config.kafka.apply_overrides(&mut consumer_config);
+    // At-least-once depends on these; a pass-through property must not turn them off.
+    consumer_config.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    let consumer: SinkConsumer = consumer_config
+        .create_with_context(SinkContext {
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            topic: config.kafka.topic.clone(),
+        })
+        .context("creating the Kafka consumer")?;
+    consumer.subscribe(&[&config.kafka.topic]).context("subscribing to the topic")?;
+    let consumer = Arc::new(consumer);
+
+    let cancel = CancellationToken::new();
+    let admin_cancel = CancellationToken::new();
+    hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
+    let ready = Readiness::default();
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin address {}", config.admin_listen))?;
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(metrics.registry.clone(), ready.clone()),
+        admin_cancel.clone(),
+    ));
+    tracing::info!(admin = %config.admin_listen, topic = %config.kafka.topic, group = %config.group_id, "consuming");
+
+    tokio::spawn({
+        let metrics = metrics.clone();
+        watch_catalogue(
+            config.catalogue.clone(),
+            config.catalogue_reload_interval,
+            catalogue.clone(),
+            cancel.clone(),
+            Ok,
+            move |outcome| metrics.catalogue_reload(outcome.as_str()),
+        )
+    });
+    tokio::spawn(readiness_loop(consumer.clone(), config.kafka.topic.clone(), ready.clone(), cancel.clone()));
+
+    let limits = Limits {
+        max_rows: config.batch_max_rows,
+        max_bytes: config.batch_max_bytes,
+        max_age: config.batch_max_age,
+    };
+    let pipeline = Pipeline {
+        consumer,
+        tracker,
+        writer: Arc::new(Writer {
+            warehouse,
+            dead_letters: dead_letters.clone(),
+            metrics,
+            backoff: Backoff {
+                initial: config.retry_initial,
+                max: config.retry_max,
+            },
+            limits,
+            topic: config.kafka.topic.clone(),
+            ready_tables: Mutex::new(HashSet::new()),
+        }),
+        catalogue,
+        max_buffered: config.batch_max_rows.saturating_mul(20).max(10_000),
+        drain_timeout: config.drain_timeout,
+    };
+    pipeline.run(cancel.clone()).await;
+    ready.set(false);
+    dead_letters.flush(Duration::from_secs(5));
+    admin_cancel.cancel();
+    admin_task.await??;
+    tracing::info!("bq-sink stopped");
+    Ok(())
+}
+
+/// `/readyz` is true while the broker answers for the topic.
+async fn readiness_loop(consumer: Arc<SinkConsumer>, topic: String, ready: Readiness, cancel: CancellationToken) {
+    let mut was_ready = false;
+    while !cancel.is_cancelled() {
+        let check = tokio::task::spawn_blocking({
+            let (consumer, topic) = (consumer.clone(), topic.clone());
+            move || {
+                consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| match m.topics().first() {
+                        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                        _ => Err(format!("topic {topic} not available")),
+                    })
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let now_ready = check.is_ok() && !cancel.is_cancelled();
+        if now_ready != was_ready {
+            match &check {
+                Ok(()) => tracing::info!("broker reachable, ready"),
+                Err(error) => tracing::warn!(%error, "broker not reachable, not ready"),
+            }
+        }
+        ready.set(now_ready);
+        was_ready = now_ready;
+        let pause = if now_ready { Duration::from_secs(2) } else { Duration::from_millis(250) };
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    ready.set(false);
+}

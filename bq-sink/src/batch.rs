@@ -1,0 +1,204 @@
+//! Micro-batches per destination table, flushed by rows, bytes or age. Pure: the pipeline
+//! decides what to do with a batch that is due.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hookpipe_common::TableRef;
+
+use crate::row::Row;
+
+/// A row and the record it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub row: Row,
+    /// The stream, for per-stream metrics.
+    pub stream: uuid::Uuid,
+    pub partition: i32,
+    pub offset: i64,
+    /// The original record value, kept so a row BigQuery rejects can be dead-lettered whole.
+    pub original: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+pub struct TableBatch {
+    pub items: Vec<Item>,
+    pub bytes: usize,
+    pub started: Option<Instant>,
+}
+
+/// Why a batch was flushed (the `trigger` label of `bq_sink_flushes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Rows,
+    Bytes,
+    Age,
+    Shutdown,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Rows => "rows",
+            Trigger::Bytes => "bytes",
+            Trigger::Age => "age",
+            Trigger::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct Batches {
+    tables: HashMap<TableRef, TableBatch>,
+    rows: usize,
+}
+
+impl Batches {
+    /// Adds a row; returns the table and trigger if its batch is now full.
+    pub fn push(&mut self, table: &TableRef, item: Item, limits: &Limits, now: Instant) -> Option<Trigger> {
+        let size = item.row.approx_bytes();
+        let batch = match self.tables.get_mut(table) {
+            Some(batch) => batch,
+            None => self.tables.entry(table.clone()).or_default(),
+        };
+        batch.started.get_or_insert(now);
+        batch.items.push(item);
+        batch.bytes += size;
+        self.rows += 1;
+        if batch.items.len() >= limits.max_rows {
+            Some(Trigger::Rows)
+        } else if batch.bytes >= limits.max_bytes {
+            Some(Trigger::Bytes)
+        } else {
+            None
+        }
+    }
+
+    /// Removes and returns a table's batch.
+    pub fn take(&mut self, table: &TableRef) -> Option<TableBatch> {
+        let batch = self.tables.remove(table)?;
+        self.rows -= batch.items.len();
+        Some(batch)
+    }
+
+    /// Tables whose oldest row is older than the age limit.
+    pub fn due(&self, limits: &Limits, now: Instant) -> Vec<TableRef> {
+        self.tables
+            .iter()
+            .filter(|(_, b)| b.started.is_some_and(|s| now.duration_since(s) >= limits.max_age))
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// When the next batch becomes due by age.
+    pub fn next_deadline(&self, limits: &Limits) -> Option<Instant> {
+        self.tables.values().filter_map(|b| b.started).min().map(|s| s + limits.max_age)
+    }
+
+    pub fn tables(&self) -> Vec<TableRef> {
+        self.tables.keys().cloned().collect()
+    }
+
+    /// Rows buffered across tables.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Splits a batch into insertAll requests of at most `max_rows` rows and about `max_bytes`.
+pub fn chunks(items: &[Item], max_rows: usize, max_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, item) in items.iter().enumerate() {
+        let size = item.row.approx_bytes();
+        if i > start && (i - start >= max_rows || bytes + size > max_bytes) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < items.len() {
+        out.push(start..items.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(offset: i64, payload_len: usize) -> Item {
+        Item {
+            row: Row {
+                hit_id: format!("{offset:036}"),
+                payload: "x".repeat(payload_len),
+                received_at: 0,
+                date: chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
+            },
+            stream: uuid::Uuid::nil(),
+            partition: 0,
+            offset,
+            original: vec![],
+        }
+    }
+
+    fn table(name: &str) -> TableRef {
+        format!("p.d.{name}").parse().unwrap()
+    }
+
+    const LIMITS: Limits = Limits {
+        max_rows: 3,
+        max_bytes: 10_000,
+        max_age: Duration::from_secs(1),
+    };
+
+    #[test]
+    fn flushes_by_rows_per_table() {
+        let mut b = Batches::default();
+        let now = Instant::now();
+        assert_eq!(b.push(&table("a"), item(0, 1), &LIMITS, now), None);
+        assert_eq!(b.push(&table("b"), item(1, 1), &LIMITS, now), None);
+        assert_eq!(b.push(&table("a"), item(2, 1), &LIMITS, now), None);
+        assert_eq!(b.push(&table("a"), item(3, 1), &LIMITS, now), Some(Trigger::Rows));
+        assert_eq!(b.rows(), 4);
+        assert_eq!(b.take(&table("a")).unwrap().items.len(), 3);
+        assert_eq!(b.rows(), 1);
+    }
+
+    #[test]
+    fn flushes_by_bytes() {
+        let mut b = Batches::default();
+        assert_eq!(b.push(&table("a"), item(0, 20_000), &LIMITS, Instant::now()), Some(Trigger::Bytes));
+    }
+
+    #[test]
+    fn flushes_by_age_from_the_first_row() {
+        let mut b = Batches::default();
+        let t0 = Instant::now();
+        b.push(&table("a"), item(0, 1), &LIMITS, t0);
+        b.push(&table("a"), item(1, 1), &LIMITS, t0 + Duration::from_millis(900));
+        assert_eq!(b.next_deadline(&LIMITS), Some(t0 + Duration::from_secs(1)));
+        assert!(b.due(&LIMITS, t0 + Duration::from_millis(999)).is_empty());
+        assert_eq!(b.due(&LIMITS, t0 + Duration::from_secs(1)), [table("a")]);
+    }
+
+    #[test]
+    fn requests_respect_row_and_byte_limits() {
+        let items: Vec<Item> = (0..7).map(|o| item(o, 100)).collect();
+        assert_eq!(chunks(&items, 3, 1_000_000), [0..3, 3..6, 6..7]);
+        let size = items[0].row.approx_bytes();
+        assert_eq!(chunks(&items, 100, size * 2), [0..2, 2..4, 4..6, 6..7]);
+        // A single oversized row still goes alone rather than never.
+        assert_eq!(chunks(&items[..1], 100, 1), [0..1]);
+        assert!(chunks(&[], 3, 10).is_empty());
+    }
+}

@@ -1,0 +1,291 @@
+//! BigQuery I/O behind a small trait: make sure a stream's table exists with the right schema,
+//! and insert rows with `insertAll` (hit_id as insertId). Every failure is classified here as
+//! transient (retry, never skip) or permanent for specific rows (dead-letter them).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gcp_bigquery_client::Client;
+use gcp_bigquery_client::auth::Authenticator;
+use gcp_bigquery_client::client_builder::ClientBuilder;
+use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::dataset::Dataset;
+use gcp_bigquery_client::model::table::Table;
+use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequest;
+use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
+use gcp_bigquery_client::model::table_schema::TableSchema;
+use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
+use hookpipe_common::TableRef;
+
+use crate::config::BigQueryArgs;
+use crate::row::Row;
+
+/// What went wrong with a BigQuery call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// Worth retrying: network, 5xx, 429, quota, credentials, timeouts.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The table exists with a schema rows cannot be written to.
+    #[error("schema mismatch: {0}")]
+    SchemaMismatch(String),
+    /// BigQuery refused these rows (by index in the request) for good; the others may be
+    /// retried.
+    #[error("{} rows rejected", .0.len())]
+    RowsRejected(Vec<(usize, String)>),
+    /// The request as a whole was refused as invalid (HTTP 400): some row in it is bad, but
+    /// BigQuery did not say which.
+    #[error("request rejected: {0}")]
+    RequestRejected(String),
+    #[error("table not found")]
+    TableMissing,
+}
+
+impl WriteError {
+    /// Metric label for `bq_sink_write_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WriteError::Transient(_) => "transient",
+            WriteError::SchemaMismatch(_) => "schema_mismatch",
+            WriteError::RowsRejected(_) => "rows_rejected",
+            WriteError::RequestRejected(_) => "request_rejected",
+            WriteError::TableMissing => "table_missing",
+        }
+    }
+}
+
+#[async_trait]
+pub trait Warehouse: Send + Sync + 'static {
+    /// Creates the dataset and table when missing; checks the schema of an existing table.
+    async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError>;
+    /// Inserts rows; `Ok` means all of them are stored.
+    async fn insert(&self, table: &TableRef, rows: &[Row]) -> Result<(), WriteError>;
+}
+
+/// The columns of every stream table, exactly as DESIGN.md fixes them.
+pub fn schema() -> TableSchema {
+    let mut hit_id = TableFieldSchema::string("hit_id");
+    hit_id.mode = Some("REQUIRED".into());
+    TableSchema::new(vec![
+        hit_id,
+        TableFieldSchema::string("payload"),
+        TableFieldSchema::integer("received_at"),
+        TableFieldSchema::date("date"),
+    ])
+}
+
+/// Checks that an existing table can take our rows: the four columns with compatible types.
+/// Extra NULLABLE columns are fine (a user may add some); missing or retyped ones are not.
+pub fn check_schema(existing: Option<&TableSchema>) -> Result<(), String> {
+    let fields = existing.and_then(|s| s.fields.as_ref()).map(Vec::as_slice).unwrap_or(&[]);
+    // FieldType has no PartialEq; its Debug names are the API's type names.
+    let want: [(&str, &[&str]); 4] = [
+        ("hit_id", &["String"]),
+        ("payload", &["String"]),
+        ("received_at", &["Integer", "Int64"]),
+        ("date", &["Date"]),
+    ];
+    for (name, types) in want {
+        match fields.iter().find(|f| f.name.eq_ignore_ascii_case(name)) {
+            None => return Err(format!("column `{name}` is missing")),
+            Some(f) if !types.contains(&format!("{:?}", f.r#type).as_str()) => {
+                return Err(format!("column `{name}` is {:?}, expected {}", f.r#type, types[0]));
+            }
+            Some(f) if f.mode.as_deref() == Some("REPEATED") => {
+                return Err(format!("column `{name}` is REPEATED"));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(f) = fields.iter().find(|f| {
+        f.mode.as_deref() == Some("REQUIRED") && !want.iter().any(|(n, _)| f.name.eq_ignore_ascii_case(n))
+    }) {
+        return Err(format!("extra column `{}` is REQUIRED", f.name));
+    }
+    Ok(())
+}
+
+/// Classifies a client error. Anything that is not clearly the data's fault is transient:
+/// credentials, quota and outages get fixed, and the rows must still be written then.
+pub fn classify(error: BQError) -> WriteError {
+    match error {
+        BQError::ResponseError { error } => {
+            let e = error.error;
+            let reason = e
+                .errors
+                .first()
+                .and_then(|m| m.get("reason"))
+                .map(String::as_str)
+                .unwrap_or("");
+            match e.code {
+                404 => WriteError::TableMissing,
+                400 if reason != "backendError" => WriteError::RequestRejected(e.message),
+                _ => WriteError::Transient(format!("HTTP {} {reason}: {}", e.code, e.message)),
+            }
+        }
+        other => WriteError::Transient(other.to_string()),
+    }
+}
+
+/// No credentials: for the local emulator only.
+#[derive(Clone)]
+struct NoAuth;
+
+#[async_trait]
+impl Authenticator for NoAuth {
+    async fn access_token(&self) -> Result<String, BQError> {
+        Ok(String::new())
+    }
+}
+
+pub struct BigQuery {
+    client: Client,
+    location: Option<String>,
+    partition_expiration: Option<Duration>,
+}
+
+impl BigQuery {
+    pub async fn connect(args: &BigQueryArgs) -> Result<Self, BQError> {
+        let http = reqwest::Client::builder()
+            .timeout(args.timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        let mut builder = ClientBuilder::new();
+        builder.with_client(http);
+        if let Some(endpoint) = &args.endpoint {
+            builder.with_v2_base_url(endpoint.trim_end_matches('/').to_owned());
+        }
+        let client = match args.auth.as_str() {
+            "none" => builder.build_from_authenticator(Arc::new(NoAuth)).await?,
+            "service-account" => {
+                let path = args
+                    .key_file
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                builder.build_from_service_account_key_file(&path).await?
+            }
+            "workload-identity" => builder.build_with_workload_identity(false).await?,
+            _ => builder.build_from_application_default_credentials().await?,
+        };
+        Ok(Self {
+            client,
+            location: args.location.clone(),
+            partition_expiration: args
+                .partition_expiration_days
+                .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+        })
+    }
+
+    async fn create(&self, t: &TableRef) -> Result<(), WriteError> {
+        let mut dataset = Dataset::new(&t.project, &t.dataset);
+        if let Some(location) = &self.location {
+            dataset = dataset.location(location);
+        }
+        match self.client.dataset().create(dataset).await {
+            Ok(_) => tracing::info!(project = %t.project, dataset = %t.dataset, "dataset created"),
+            Err(BQError::ResponseError { error }) if error.error.code == 409 => {}
+            Err(e) => return Err(classify(e)),
+        }
+        let mut partitioning = TimePartitioning::per_day().field("date");
+        if let Some(expiry) = self.partition_expiration {
+            partitioning = partitioning.expiration_ms(expiry);
+        }
+        let table = Table::new(&t.project, &t.dataset, &t.table, schema())
+            .time_partitioning(partitioning)
+            .description("Webhook hits, one row per call (hookpipe)");
+        match self.client.table().create(table).await {
+            Ok(_) => {
+                tracing::info!(table = %t, "table created");
+                Ok(())
+            }
+            // Another replica created it first: check what is there.
+            Err(BQError::ResponseError { error }) if error.error.code == 409 => self.check(t).await,
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn check(&self, t: &TableRef) -> Result<(), WriteError> {
+        let table = self
+            .client
+            .table()
+            .get(&t.project, &t.dataset, &t.table, None)
+            .await
+            .map_err(classify)?;
+        check_schema(Some(&table.schema)).map_err(|e| WriteError::SchemaMismatch(format!("{t}: {e}")))
+    }
+}
+
+#[async_trait]
+impl Warehouse for BigQuery {
+    async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError> {
+        match self.check(table).await {
+            Err(WriteError::TableMissing) => self.create(table).await,
+            other => other,
+        }
+    }
+
+    async fn insert(&self, table: &TableRef, rows: &[Row]) -> Result<(), WriteError> {
+        let mut request = TableDataInsertAllRequest::new();
+        for row in rows {
+            request
+                .add_row(Some(row.hit_id.clone()), row)
+                .map_err(|e| WriteError::Transient(e.to_string()))?;
+        }
+        let response = self
+            .client
+            .tabledata()
+            .insert_all(&table.project, &table.dataset, &table.table, request)
+            .await
+            .map_err(classify)?;
+        let errors = response.insert_errors.unwrap_or_default();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        // With skipInvalidRows off, one bad row stops the whole request: rows marked only
+        // "stopped" are fine and are retried; the others are the bad ones.
+        let rejected: Vec<(usize, String)> = errors
+            .iter()
+            .filter_map(|e| {
+                let index = usize::try_from(e.index?).ok()?;
+                let reasons = e.errors.as_deref().unwrap_or(&[]);
+                let bad = reasons.iter().find(|r| r.reason.as_deref() != Some("stopped"))?;
+                Some((index, format!("{}: {}", bad.reason.as_deref().unwrap_or("invalid"), bad.message.as_deref().unwrap_or(""))))
+            })
+            .collect();
+        if rejected.is_empty() {
+            Err(WriteError::Transient("insertAll reported only stopped rows".into()))
+        } else {
+            Err(WriteError::RowsRejected(rejected))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_schema_passes_its_own_check() {
+        check_schema(Some(&schema())).unwrap();
+    }
+
+    #[test]
+    fn incompatible_tables_are_named() {
+        let mut s = schema();
+        s.fields.as_mut().unwrap()[2] = TableFieldSchema::string("received_at");
+        assert_eq!(check_schema(Some(&s)).unwrap_err(), "column `received_at` is String, expected Integer");
+        let mut s = schema();
+        s.fields.as_mut().unwrap().remove(3);
+        assert_eq!(check_schema(Some(&s)).unwrap_err(), "column `date` is missing");
+        let mut s = schema();
+        let mut extra = TableFieldSchema::string("tenant");
+        extra.mode = Some("REQUIRED".into());
+        s.fields.as_mut().unwrap().push(extra);
+        assert_eq!(check_schema(Some(&s)).unwrap_err(), "extra column `tenant` is REQUIRED");
+        let mut s = schema();
+        s.fields.as_mut().unwrap().push(TableFieldSchema::string("note"));
+        check_schema(Some(&s)).unwrap();
+    }
+}

@@ -1,0 +1,133 @@
+//! The sink's configuration: command-line flags, each with an environment variable, with
+//! defaults that match the local set-up in DESIGN.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hookpipe_common::kafka::KafkaArgs;
+use hookpipe_common::parse_duration;
+
+/// bq-sink: consumes webhook envelopes from Kafka and writes them to each stream's BigQuery
+/// table in micro-batches, committing offsets only after the rows are written.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(version, about)]
+pub struct Config {
+    /// Address for `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "HOOKPIPE_ADMIN_LISTEN", default_value = "127.0.0.1:9102")]
+    pub admin_listen: SocketAddr,
+
+    /// The stream catalogue (YAML). Reloaded when its content changes.
+    #[arg(long, env = "HOOKPIPE_CATALOGUE")]
+    pub catalogue: PathBuf,
+
+    /// How often the catalogue file is checked for changes.
+    #[arg(long, env = "HOOKPIPE_CATALOGUE_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub catalogue_reload_interval: Duration,
+
+    /// Kafka consumer group; every sink replica uses the same one.
+    #[arg(long, env = "HOOKPIPE_GROUP_ID", default_value = "bq-sink")]
+    pub group_id: String,
+
+    /// Topic for records the sink cannot write (with the reason).
+    #[arg(long, env = "HOOKPIPE_DLQ_TOPIC", default_value = "webhooks-dlq")]
+    pub dlq_topic: String,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub bigquery: BigQueryArgs,
+
+    /// Flush a table's batch when it holds this many rows (BigQuery recommends at most 500
+    /// per insertAll request).
+    #[arg(long, env = "HOOKPIPE_BATCH_MAX_ROWS", default_value_t = 500)]
+    pub batch_max_rows: usize,
+
+    /// Flush when the batch's rows add up to this many bytes (an insertAll request may carry
+    /// at most 10 MB).
+    #[arg(long, env = "HOOKPIPE_BATCH_MAX_BYTES", default_value_t = 5 * 1024 * 1024)]
+    pub batch_max_bytes: usize,
+
+    /// Flush a batch at the latest this long after its first row arrived.
+    #[arg(long, env = "HOOKPIPE_BATCH_MAX_AGE", default_value = "1s", value_parser = parse_duration)]
+    pub batch_max_age: Duration,
+
+    /// First pause before retrying a failed BigQuery write; doubles up to the maximum, with
+    /// jitter.
+    #[arg(long, env = "HOOKPIPE_RETRY_INITIAL", default_value = "200ms", value_parser = parse_duration)]
+    pub retry_initial: Duration,
+
+    /// Longest pause between retries.
+    #[arg(long, env = "HOOKPIPE_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub retry_max: Duration,
+
+    /// On SIGTERM: how long the sink may take to write and commit what it holds.
+    #[arg(long, env = "HOOKPIPE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// How the sink reaches BigQuery.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BigQueryArgs {
+    /// Credentials: `application-default` (ADC: GOOGLE_APPLICATION_CREDENTIALS, gcloud, or the
+    /// metadata server), `service-account` (a key file), `workload-identity` (GKE metadata
+    /// server), or `none` (the local emulator).
+    #[arg(long = "bigquery-auth", env = "HOOKPIPE_BIGQUERY_AUTH", default_value = "application-default", value_parser = ["application-default", "service-account", "workload-identity", "none"])]
+    pub auth: String,
+
+    /// Service-account key file, for `--bigquery-auth service-account`.
+    #[arg(long = "bigquery-key-file", env = "HOOKPIPE_BIGQUERY_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// BigQuery REST endpoint up to and including `/bigquery/v2`; set it for the emulator
+    /// (`http://127.0.0.1:9050/bigquery/v2`).
+    #[arg(long = "bigquery-endpoint", env = "HOOKPIPE_BIGQUERY_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// Location (region) for datasets the sink creates, such as `US` or `europe-west3`.
+    #[arg(long = "bigquery-location", env = "HOOKPIPE_BIGQUERY_LOCATION")]
+    pub location: Option<String>,
+
+    /// Partition expiry, in days, for tables the sink creates (none: keep forever).
+    #[arg(long = "partition-expiration-days", env = "HOOKPIPE_PARTITION_EXPIRATION_DAYS")]
+    pub partition_expiration_days: Option<u32>,
+
+    /// How long one BigQuery request may take before it is abandoned and retried.
+    #[arg(long = "bigquery-timeout", env = "HOOKPIPE_BIGQUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        self.kafka.validate()?;
+        if self.dlq_topic == self.kafka.topic {
+            return Err("HOOKPIPE_DLQ_TOPIC must differ from HOOKPIPE_TOPIC".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return Err("HOOKPIPE_GROUP_ID is empty".into());
+        }
+        if self.batch_max_rows == 0 || self.batch_max_rows > 50_000 {
+            return Err("HOOKPIPE_BATCH_MAX_ROWS must be between 1 and 50000".into());
+        }
+        if self.batch_max_bytes < 1024 || self.batch_max_bytes > 9 * 1024 * 1024 {
+            return Err("HOOKPIPE_BATCH_MAX_BYTES must be between 1 KiB and 9 MiB (insertAll takes at most 10 MB)".into());
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return Err("HOOKPIPE_RETRY_INITIAL must be above zero and at most HOOKPIPE_RETRY_MAX".into());
+        }
+        match (self.bigquery.auth.as_str(), &self.bigquery.key_file) {
+            ("service-account", None) => {
+                return Err("--bigquery-auth service-account needs HOOKPIPE_BIGQUERY_KEY_FILE".into());
+            }
+            ("service-account", Some(_)) | (_, None) => {}
+            (other, Some(_)) => {
+                return Err(format!("HOOKPIPE_BIGQUERY_KEY_FILE is only used with service-account auth, not {other}"));
+            }
+        }
+        if self.bigquery.auth == "none" && self.bigquery.endpoint.is_none() {
+            return Err("--bigquery-auth none is for the emulator: set HOOKPIPE_BIGQUERY_ENDPOINT".into());
+        }
+        Ok(())
+    }
+}
