@@ -46,3 +46,92 @@ duckdb.connect().execute(f"INSTALL '{p}'")
 PY
   touch "$BQEMU_VENV/.hookpipe-ready"
 }
+
+# --- Running servers -------------------------------------------------------------------
+
+STARTED_PIDS=()
+
+# wait_tcp HOST PORT SECONDS: poll until something listens there.
+wait_tcp() {
+  local host=$1 port=$2 deadline=$((SECONDS + $3))
+  until (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+# wait_http URL SECONDS: poll until the URL answers 2xx.
+wait_http() {
+  local url=$1 deadline=$((SECONDS + $2))
+  until curl -sf -o /dev/null "$url"; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+# port_free PORT: fail with a clear message if something already listens on 127.0.0.1:PORT.
+port_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    die "127.0.0.1:$1 is already in use (another run still going? stop it first)"
+  fi
+}
+
+# start_broker DIR PORT: tansu on 127.0.0.1:PORT with its sqlite file in DIR.
+start_broker() {
+  local dir=$1 port=$2
+  port_free "$port"
+  mkdir -p "$dir"
+  # tansu resolves sqlite:// paths relative to its working directory.
+  (cd "$dir" && exec "$TANSU_BIN" broker \
+      --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "sqlite://tansu.db" >"$dir/broker.log" 2>&1) &
+  STARTED_PIDS+=($!)
+  echo $! >"$dir/broker.pid"
+  wait_tcp 127.0.0.1 "$port" 30 || die "broker did not start; see $dir/broker.log"
+  log "broker listening on 127.0.0.1:$port (log: $dir/broker.log)"
+}
+
+# start_emulator DIR REST_PORT GRPC_PORT: bqemulator with its data in DIR.
+start_emulator() {
+  local dir=$1 rest=$2 grpc=$3
+  port_free "$rest"
+  port_free "$grpc"
+  mkdir -p "$dir/data"
+  "$BQEMU_BIN" start --rest-host 127.0.0.1 --rest-port "$rest" \
+      --grpc-host 127.0.0.1 --grpc-port "$grpc" --project local-project \
+      --persistent --data-dir "$dir/data" --log-level warning >"$dir/emulator.log" 2>&1 &
+  STARTED_PIDS+=($!)
+  echo $! >"$dir/emulator.pid"
+  wait_http "http://127.0.0.1:$rest/readyz" 60 || die "emulator did not start; see $dir/emulator.log"
+  log "BigQuery emulator on 127.0.0.1:$rest (gRPC $grpc, log: $dir/emulator.log)"
+}
+
+# create_topic PORT NAME PARTITIONS: create unless it exists.
+create_topic() {
+  local port=$1 name=$2 partitions=$3 out
+  if out=$("$TANSU_BIN" topic create --broker "tcp://127.0.0.1:$port" --partitions "$partitions" "$name" 2>&1); then
+    log "topic $name created ($partitions partitions)"
+  elif grep -q "already exists" <<<"$out"; then
+    log "topic $name exists"
+  else
+    die "creating topic $name failed: $out"
+  fi
+}
+
+# stop_started: stop everything this script started, newest first, politely then firmly.
+stop_started() {
+  local pid i
+  for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${STARTED_PIDS[$i]}
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${STARTED_PIDS[@]}"; do
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  STARTED_PIDS=()
+}

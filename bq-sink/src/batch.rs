@@ -62,7 +62,13 @@ pub struct Batches {
 
 impl Batches {
     /// Adds a row; returns the table and trigger if its batch is now full.
-    pub fn push(&mut self, table: &TableRef, item: Item, limits: &Limits, now: Instant) -> Option<Trigger> {
+    pub fn push(
+        &mut self,
+        table: &TableRef,
+        item: Item,
+        limits: &Limits,
+        now: Instant,
+    ) -> Option<Trigger> {
         let size = item.row.approx_bytes();
         let batch = match self.tables.get_mut(table) {
             Some(batch) => batch,
@@ -92,14 +98,21 @@ impl Batches {
     pub fn due(&self, limits: &Limits, now: Instant) -> Vec<TableRef> {
         self.tables
             .iter()
-            .filter(|(_, b)| b.started.is_some_and(|s| now.duration_since(s) >= limits.max_age))
+            .filter(|(_, b)| {
+                b.started
+                    .is_some_and(|s| now.duration_since(s) >= limits.max_age)
+            })
             .map(|(t, _)| t.clone())
             .collect()
     }
 
     /// When the next batch becomes due by age.
     pub fn next_deadline(&self, limits: &Limits) -> Option<Instant> {
-        self.tables.values().filter_map(|b| b.started).min().map(|s| s + limits.max_age)
+        self.tables
+            .values()
+            .filter_map(|b| b.started)
+            .min()
+            .map(|s| s + limits.max_age)
     }
 
     pub fn tables(&self) -> Vec<TableRef> {
@@ -168,7 +181,10 @@ mod tests {
         assert_eq!(b.push(&table("a"), item(0, 1), &LIMITS, now), None);
         assert_eq!(b.push(&table("b"), item(1, 1), &LIMITS, now), None);
         assert_eq!(b.push(&table("a"), item(2, 1), &LIMITS, now), None);
-        assert_eq!(b.push(&table("a"), item(3, 1), &LIMITS, now), Some(Trigger::Rows));
+        assert_eq!(
+            b.push(&table("a"), item(3, 1), &LIMITS, now),
+            Some(Trigger::Rows)
+        );
         assert_eq!(b.rows(), 4);
         assert_eq!(b.take(&table("a")).unwrap().items.len(), 3);
         assert_eq!(b.rows(), 1);
@@ -177,7 +193,10 @@ mod tests {
     #[test]
     fn flushes_by_bytes() {
         let mut b = Batches::default();
-        assert_eq!(b.push(&table("a"), item(0, 20_000), &LIMITS, Instant::now()), Some(Trigger::Bytes));
+        assert_eq!(
+            b.push(&table("a"), item(0, 20_000), &LIMITS, Instant::now()),
+            Some(Trigger::Bytes)
+        );
     }
 
     #[test]
@@ -185,7 +204,12 @@ mod tests {
         let mut b = Batches::default();
         let t0 = Instant::now();
         b.push(&table("a"), item(0, 1), &LIMITS, t0);
-        b.push(&table("a"), item(1, 1), &LIMITS, t0 + Duration::from_millis(900));
+        b.push(
+            &table("a"),
+            item(1, 1),
+            &LIMITS,
+            t0 + Duration::from_millis(900),
+        );
         assert_eq!(b.next_deadline(&LIMITS), Some(t0 + Duration::from_secs(1)));
         assert!(b.due(&LIMITS, t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(b.due(&LIMITS, t0 + Duration::from_secs(1)), [table("a")]);
@@ -198,7 +222,10 @@ mod tests {
         let size = items[0].row.approx_bytes();
         assert_eq!(chunks(&items, 100, size * 2), [0..2, 2..4, 4..6, 6..7]);
         // A single oversized row still goes alone rather than never.
-        assert_eq!(chunks(&items[..1], 100, 1), [0..1]);
+        assert_eq!(
+            chunks(&items[..1], 100, 1),
+            vec![std::ops::Range { start: 0, end: 1 }]
+        );
         assert!(chunks(&[], 3, 10).is_empty());
     }
 }

@@ -11,6 +11,7 @@ use gcp_bigquery_client::auth::Authenticator;
 use gcp_bigquery_client::client_builder::ClientBuilder;
 use gcp_bigquery_client::error::BQError;
 use gcp_bigquery_client::model::dataset::Dataset;
+use gcp_bigquery_client::model::field_type::FieldType;
 use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequest;
 use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
@@ -70,7 +71,8 @@ pub fn schema() -> TableSchema {
     TableSchema::new(vec![
         hit_id,
         TableFieldSchema::string("payload"),
-        TableFieldSchema::integer("received_at"),
+        // INT64 as DESIGN.md writes it (INTEGER is the same type under its legacy name).
+        TableFieldSchema::new("received_at", FieldType::Int64),
         TableFieldSchema::date("date"),
     ])
 }
@@ -78,7 +80,10 @@ pub fn schema() -> TableSchema {
 /// Checks that an existing table can take our rows: the four columns with compatible types.
 /// Extra NULLABLE columns are fine (a user may add some); missing or retyped ones are not.
 pub fn check_schema(existing: Option<&TableSchema>) -> Result<(), String> {
-    let fields = existing.and_then(|s| s.fields.as_ref()).map(Vec::as_slice).unwrap_or(&[]);
+    let fields = existing
+        .and_then(|s| s.fields.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     // FieldType has no PartialEq; its Debug names are the API's type names.
     let want: [(&str, &[&str]); 4] = [
         ("hit_id", &["String"]),
@@ -90,7 +95,10 @@ pub fn check_schema(existing: Option<&TableSchema>) -> Result<(), String> {
         match fields.iter().find(|f| f.name.eq_ignore_ascii_case(name)) {
             None => return Err(format!("column `{name}` is missing")),
             Some(f) if !types.contains(&format!("{:?}", f.r#type).as_str()) => {
-                return Err(format!("column `{name}` is {:?}, expected {}", f.r#type, types[0]));
+                return Err(format!(
+                    "column `{name}` is {:?}, expected {}",
+                    f.r#type, types[0]
+                ));
             }
             Some(f) if f.mode.as_deref() == Some("REPEATED") => {
                 return Err(format!("column `{name}` is REPEATED"));
@@ -99,7 +107,8 @@ pub fn check_schema(existing: Option<&TableSchema>) -> Result<(), String> {
         }
     }
     if let Some(f) = fields.iter().find(|f| {
-        f.mode.as_deref() == Some("REQUIRED") && !want.iter().any(|(n, _)| f.name.eq_ignore_ascii_case(n))
+        f.mode.as_deref() == Some("REQUIRED")
+            && !want.iter().any(|(n, _)| f.name.eq_ignore_ascii_case(n))
     }) {
         return Err(format!("extra column `{}` is REQUIRED", f.name));
     }
@@ -213,7 +222,8 @@ impl BigQuery {
             .get(&t.project, &t.dataset, &t.table, None)
             .await
             .map_err(classify)?;
-        check_schema(Some(&table.schema)).map_err(|e| WriteError::SchemaMismatch(format!("{t}: {e}")))
+        check_schema(Some(&table.schema))
+            .map_err(|e| WriteError::SchemaMismatch(format!("{t}: {e}")))
     }
 }
 
@@ -250,12 +260,23 @@ impl Warehouse for BigQuery {
             .filter_map(|e| {
                 let index = usize::try_from(e.index?).ok()?;
                 let reasons = e.errors.as_deref().unwrap_or(&[]);
-                let bad = reasons.iter().find(|r| r.reason.as_deref() != Some("stopped"))?;
-                Some((index, format!("{}: {}", bad.reason.as_deref().unwrap_or("invalid"), bad.message.as_deref().unwrap_or(""))))
+                let bad = reasons
+                    .iter()
+                    .find(|r| r.reason.as_deref() != Some("stopped"))?;
+                Some((
+                    index,
+                    format!(
+                        "{}: {}",
+                        bad.reason.as_deref().unwrap_or("invalid"),
+                        bad.message.as_deref().unwrap_or("")
+                    ),
+                ))
             })
             .collect();
         if rejected.is_empty() {
-            Err(WriteError::Transient("insertAll reported only stopped rows".into()))
+            Err(WriteError::Transient(
+                "insertAll reported only stopped rows".into(),
+            ))
         } else {
             Err(WriteError::RowsRejected(rejected))
         }
@@ -275,17 +296,29 @@ mod tests {
     fn incompatible_tables_are_named() {
         let mut s = schema();
         s.fields.as_mut().unwrap()[2] = TableFieldSchema::string("received_at");
-        assert_eq!(check_schema(Some(&s)).unwrap_err(), "column `received_at` is String, expected Integer");
+        assert_eq!(
+            check_schema(Some(&s)).unwrap_err(),
+            "column `received_at` is String, expected Integer"
+        );
         let mut s = schema();
         s.fields.as_mut().unwrap().remove(3);
-        assert_eq!(check_schema(Some(&s)).unwrap_err(), "column `date` is missing");
+        assert_eq!(
+            check_schema(Some(&s)).unwrap_err(),
+            "column `date` is missing"
+        );
         let mut s = schema();
         let mut extra = TableFieldSchema::string("tenant");
         extra.mode = Some("REQUIRED".into());
         s.fields.as_mut().unwrap().push(extra);
-        assert_eq!(check_schema(Some(&s)).unwrap_err(), "extra column `tenant` is REQUIRED");
+        assert_eq!(
+            check_schema(Some(&s)).unwrap_err(),
+            "extra column `tenant` is REQUIRED"
+        );
         let mut s = schema();
-        s.fields.as_mut().unwrap().push(TableFieldSchema::string("note"));
+        s.fields
+            .as_mut()
+            .unwrap()
+            .push(TableFieldSchema::string("note"));
         check_schema(Some(&s)).unwrap();
     }
 }

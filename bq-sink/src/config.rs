@@ -90,7 +90,10 @@ pub struct BigQueryArgs {
     pub location: Option<String>,
 
     /// Partition expiry, in days, for tables the sink creates (none: keep forever).
-    #[arg(long = "partition-expiration-days", env = "HOOKPIPE_PARTITION_EXPIRATION_DAYS")]
+    #[arg(
+        long = "partition-expiration-days",
+        env = "HOOKPIPE_PARTITION_EXPIRATION_DAYS"
+    )]
     pub partition_expiration_days: Option<u32>,
 
     /// How long one BigQuery request may take before it is abandoned and retried.
@@ -114,19 +117,27 @@ impl Config {
             return Err("HOOKPIPE_BATCH_MAX_BYTES must be between 1 KiB and 9 MiB (insertAll takes at most 10 MB)".into());
         }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
-            return Err("HOOKPIPE_RETRY_INITIAL must be above zero and at most HOOKPIPE_RETRY_MAX".into());
+            return Err(
+                "HOOKPIPE_RETRY_INITIAL must be above zero and at most HOOKPIPE_RETRY_MAX".into(),
+            );
         }
         match (self.bigquery.auth.as_str(), &self.bigquery.key_file) {
             ("service-account", None) => {
-                return Err("--bigquery-auth service-account needs HOOKPIPE_BIGQUERY_KEY_FILE".into());
+                return Err(
+                    "--bigquery-auth service-account needs HOOKPIPE_BIGQUERY_KEY_FILE".into(),
+                );
             }
             ("service-account", Some(_)) | (_, None) => {}
             (other, Some(_)) => {
-                return Err(format!("HOOKPIPE_BIGQUERY_KEY_FILE is only used with service-account auth, not {other}"));
+                return Err(format!(
+                    "HOOKPIPE_BIGQUERY_KEY_FILE is only used with service-account auth, not {other}"
+                ));
             }
         }
         if self.bigquery.auth == "none" && self.bigquery.endpoint.is_none() {
-            return Err("--bigquery-auth none is for the emulator: set HOOKPIPE_BIGQUERY_ENDPOINT".into());
+            return Err(
+                "--bigquery-auth none is for the emulator: set HOOKPIPE_BIGQUERY_ENDPOINT".into(),
+            );
         }
         Ok(())
     }

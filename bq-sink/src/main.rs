@@ -32,12 +32,19 @@ async fn main() -> anyhow::Result<()> {
 
     let catalogue = Arc::new(Shared::new(Catalogue::load(&config.catalogue)?));
     let metrics = Arc::new(Metrics::new());
-    let warehouse = Arc::new(BigQuery::connect(&config.bigquery).await.context("connecting to BigQuery")?);
+    let warehouse = Arc::new(
+        BigQuery::connect(&config.bigquery)
+            .await
+            .context("connecting to BigQuery")?,
+    );
 
     let base = config.kafka.client_config();
     let mut dlq_config = base.clone();
     config.kafka.apply_overrides(&mut dlq_config);
-    let dead_letters = Arc::new(DeadLetters::new(&dlq_config, config.dlq_topic.clone()).context("creating the dead-letter producer")?);
+    let dead_letters = Arc::new(
+        DeadLetters::new(&dlq_config, config.dlq_topic.clone())
+            .context("creating the dead-letter producer")?,
+    );
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let mut consumer_config = base;
@@ -50,7 +57,9 @@ async fn main() -> anyhow::Result<()> {
         .set("statistics.interval.ms", "5000");
     config.kafka.apply_overrides(&mut consumer_config);
     // At-least-once depends on these; a pass-through property must not turn them off.
-    consumer_config.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    consumer_config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
     let consumer: SinkConsumer = consumer_config
         .create_with_context(SinkContext {
             tracker: tracker.clone(),
@@ -58,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
             topic: config.kafka.topic.clone(),
         })
         .context("creating the Kafka consumer")?;
-    consumer.subscribe(&[&config.kafka.topic]).context("subscribing to the topic")?;
+    consumer
+        .subscribe(&[&config.kafka.topic])
+        .context("subscribing to the topic")?;
     let consumer = Arc::new(consumer);
 
     let cancel = CancellationToken::new();
@@ -86,7 +97,12 @@ async fn main() -> anyhow::Result<()> {
             move |outcome| metrics.catalogue_reload(outcome.as_str()),
         )
     });
-    tokio::spawn(readiness_loop(consumer.clone(), config.kafka.topic.clone(), ready.clone(), cancel.clone()));
+    tokio::spawn(readiness_loop(
+        consumer.clone(),
+        config.kafka.topic.clone(),
+        ready.clone(),
+        cancel.clone(),
+    ));
 
     let limits = Limits {
         max_rows: config.batch_max_rows,
@@ -122,7 +138,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// `/readyz` is true while the broker answers for the topic.
-async fn readiness_loop(consumer: Arc<SinkConsumer>, topic: String, ready: Readiness, cancel: CancellationToken) {
+async fn readiness_loop(
+    consumer: Arc<SinkConsumer>,
+    topic: String,
+    ready: Readiness,
+    cancel: CancellationToken,
+) {
     let mut was_ready = false;
     while !cancel.is_cancelled() {
         let check = tokio::task::spawn_blocking({
@@ -148,7 +169,11 @@ async fn readiness_loop(consumer: Arc<SinkConsumer>, topic: String, ready: Readi
         }
         ready.set(now_ready);
         was_ready = now_ready;
-        let pause = if now_ready { Duration::from_secs(2) } else { Duration::from_millis(250) };
+        let pause = if now_ready {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(250)
+        };
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(pause) => {}

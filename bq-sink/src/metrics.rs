@@ -1,7 +1,9 @@
 //! Every metric the sink exports, defined once. The `stream` label only takes ids from the
 //! catalogue; `table` labels are catalogue tables.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -25,7 +27,9 @@ pub struct Metrics {
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
     #[allow(clippy::expect_used)] // fixed, distinct names
-    registry.register(Box::new(metric.clone())).expect("metric registered twice");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered twice");
     metric
 }
 
@@ -33,18 +37,38 @@ impl Metrics {
     #[allow(clippy::expect_used)] // fixed, valid metric definitions
     pub fn new() -> Self {
         let r = Registry::new();
-        let counter = |name: &str, help: &str| register(&r, IntCounter::new(name, help).expect("valid metric"));
+        let counter = |name: &str, help: &str| {
+            register(&r, IntCounter::new(name, help).expect("valid metric"))
+        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            register(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric"))
+            register(
+                &r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                    .expect("valid metric"),
+            )
         };
-        let seconds = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
-        let e2e = vec![0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
+        let seconds = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let e2e = vec![
+            0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+        ];
         Self {
-            consumed: counter("bq_sink_messages_consumed_total", "Records read from the main topic"),
-            rows_written: counter_vec("bq_sink_rows_written_total", "Rows stored in BigQuery, by stream", &["stream"]),
+            consumed: counter(
+                "bq_sink_messages_consumed_total",
+                "Records read from the main topic",
+            ),
+            rows_written: counter_vec(
+                "bq_sink_rows_written_total",
+                "Rows stored in BigQuery, by stream",
+                &["stream"],
+            ),
             duplicates_skipped: counter(
                 "bq_sink_duplicates_skipped_total",
                 "Records not written because their hit_id was already written",
@@ -59,25 +83,72 @@ impl Metrics {
                 "Approximate bytes per flushed table batch",
                 prometheus::exponential_buckets(1024.0, 4.0, 8).expect("valid buckets"),
             ),
-            flushes: counter_vec("bq_sink_flushes_total", "Table batches flushed, by trigger (rows, bytes, age, shutdown)", &["trigger"]),
-            write_duration: histogram("bq_sink_write_duration_seconds", "Duration of one insertAll request", seconds),
-            write_errors: counter_vec("bq_sink_write_errors_total", "Failed BigQuery calls, by kind", &["kind"]),
-            retries: counter("bq_sink_retries_total", "BigQuery writes retried after a transient failure"),
-            dead_letters: counter_vec("bq_sink_dead_letters_total", "Records sent to the dead-letter topic, by reason", &["reason"]),
-            buffered_rows: register(&r, IntGauge::new("bq_sink_buffered_rows", "Records consumed and not yet written or dead-lettered").expect("valid metric")),
+            flushes: counter_vec(
+                "bq_sink_flushes_total",
+                "Table batches flushed, by trigger (rows, bytes, age, shutdown)",
+                &["trigger"],
+            ),
+            write_duration: histogram(
+                "bq_sink_write_duration_seconds",
+                "Duration of one insertAll request",
+                seconds,
+            ),
+            write_errors: counter_vec(
+                "bq_sink_write_errors_total",
+                "Failed BigQuery calls, by kind",
+                &["kind"],
+            ),
+            retries: counter(
+                "bq_sink_retries_total",
+                "BigQuery writes retried after a transient failure",
+            ),
+            dead_letters: counter_vec(
+                "bq_sink_dead_letters_total",
+                "Records sent to the dead-letter topic, by reason",
+                &["reason"],
+            ),
+            buffered_rows: register(
+                &r,
+                IntGauge::new(
+                    "bq_sink_buffered_rows",
+                    "Records consumed and not yet written or dead-lettered",
+                )
+                .expect("valid metric"),
+            ),
             consumer_lag: register(
                 &r,
-                IntGaugeVec::new(Opts::new("bq_sink_consumer_lag_messages", "Messages behind the partition's end, per assigned partition"), &["partition"])
-                    .expect("valid metric"),
+                IntGaugeVec::new(
+                    Opts::new(
+                        "bq_sink_consumer_lag_messages",
+                        "Messages behind the partition's end, per assigned partition",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid metric"),
             ),
             end_to_end: histogram(
                 "bq_sink_end_to_end_latency_seconds",
                 "From receipt at the gateway (received_at) to the BigQuery write acknowledgement",
                 e2e,
             ),
-            commits: counter_vec("bq_sink_offset_commits_total", "Offset commits, by outcome (ok, error)", &["outcome"]),
-            catalogue_reloads: counter_vec("bq_sink_catalogue_reloads_total", "Catalogue reload attempts by outcome (applied, rejected)", &["outcome"]),
-            paused: register(&r, IntGauge::new("bq_sink_consumption_paused", "1 while consumption is paused because too much is buffered").expect("valid metric")),
+            commits: counter_vec(
+                "bq_sink_offset_commits_total",
+                "Offset commits, by outcome (ok, error)",
+                &["outcome"],
+            ),
+            catalogue_reloads: counter_vec(
+                "bq_sink_catalogue_reloads_total",
+                "Catalogue reload attempts by outcome (applied, rejected)",
+                &["outcome"],
+            ),
+            paused: register(
+                &r,
+                IntGauge::new(
+                    "bq_sink_consumption_paused",
+                    "1 while consumption is paused because too much is buffered",
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         }
     }
@@ -108,4 +179,3 @@ impl Default for Metrics {
         Self::new()
     }
 }
-

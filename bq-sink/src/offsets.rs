@@ -99,7 +99,10 @@ mod tests {
         // 12 and 13 are written (another table flushed first), 10 and 11 not yet.
         t.done(0, 12);
         t.done(0, 13);
-        assert!(t.to_commit().is_empty(), "must not pass unwritten offset 10");
+        assert!(
+            t.to_commit().is_empty(),
+            "must not pass unwritten offset 10"
+        );
         t.done(0, 10);
         assert_eq!(t.to_commit(), [(0, 11)]);
         t.done(0, 11);

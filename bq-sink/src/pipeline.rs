@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use hookpipe_common::catalogue::Shared;
 use hookpipe_common::{Catalogue, TableRef};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -41,7 +43,9 @@ pub struct SinkContext {
 
 impl ClientContext for SinkContext {
     fn stats(&self, statistics: Statistics) {
-        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
         for (id, partition) in &topic.partitions {
             if *id >= 0 && partition.consumer_lag >= 0 {
                 self.metrics
@@ -59,7 +63,9 @@ impl ConsumerContext for SinkContext {
     /// being written will land, and the new owner's re-read of them is what hit_id
     /// deduplication is for.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(revoked) = rebalance else { return };
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
         let partitions: HashSet<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
         let mut tracker = lock(&self.tracker);
         let mut tpl = TopicPartitionList::new();
@@ -79,7 +85,10 @@ impl ConsumerContext for SinkContext {
         }
         for p in &partitions {
             tracker.revoke(*p);
-            let _ = self.metrics.consumer_lag.remove_label_values(&[&p.to_string()]);
+            let _ = self
+                .metrics
+                .consumer_lag
+                .remove_label_values(&[&p.to_string()]);
         }
         tracing::info!(partitions = ?partitions, "partitions revoked");
     }
@@ -108,7 +117,10 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self.initial.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        let base = self
+            .initial
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
         base.mul_f64(rand::random_range(0.5..=1.0))
     }
 }
@@ -130,7 +142,10 @@ type Done = Vec<(i32, i64)>;
 
 impl<W: Warehouse> Writer<W> {
     fn table_ready(&self, table: &TableRef) -> bool {
-        self.ready_tables.lock().map(|s| s.contains(table)).unwrap_or(false)
+        self.ready_tables
+            .lock()
+            .map(|s| s.contains(table))
+            .unwrap_or(false)
     }
 
     fn mark_ready(&self, table: &TableRef, ready: bool) {
@@ -145,7 +160,13 @@ impl<W: Warehouse> Writer<W> {
 
     /// Writes one table's batch: every row ends up written or dead-lettered, unless `cancel`
     /// fires first, in which case only what was handled is reported done.
-    pub async fn flush(self: Arc<Self>, table: TableRef, batch: TableBatch, trigger: Trigger, cancel: CancellationToken) -> Done {
+    pub async fn flush(
+        self: Arc<Self>,
+        table: TableRef,
+        batch: TableBatch,
+        trigger: Trigger,
+        cancel: CancellationToken,
+    ) -> Done {
         self.metrics.flush(trigger.as_str());
         self.metrics.batch_rows.observe(batch.items.len() as f64);
         self.metrics.batch_bytes.observe(batch.bytes as f64);
@@ -162,7 +183,10 @@ impl<W: Warehouse> Writer<W> {
                     self.metrics.write_error("schema_mismatch");
                     tracing::error!(%table, %detail, "table schema does not fit, dead-lettering its rows");
                     for item in &items {
-                        if self.dead_letter(item, Poison::SchemaMismatch, detail.clone(), &cancel).await {
+                        if self
+                            .dead_letter(item, Poison::SchemaMismatch, detail.clone(), &cancel)
+                            .await
+                        {
                             done.push((item.partition, item.offset));
                         }
                     }
@@ -179,7 +203,8 @@ impl<W: Warehouse> Writer<W> {
 
         // Requests to make, as ranges of `items`; a rejected request is split until the bad
         // rows are isolated (the emulator refuses a whole request for one bad row).
-        let mut work: Vec<std::ops::Range<usize>> = chunks(&items, self.limits.max_rows, self.limits.max_bytes);
+        let mut work: Vec<std::ops::Range<usize>> =
+            chunks(&items, self.limits.max_rows, self.limits.max_bytes);
         work.reverse();
         let mut attempt = 0;
         while let Some(range) = work.pop() {
@@ -190,21 +215,29 @@ impl<W: Warehouse> Writer<W> {
                 r = self.warehouse.insert(&table, &rows) => r,
                 () = cancel.cancelled() => return done,
             };
-            self.metrics.write_duration.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .write_duration
+                .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => {
                     attempt = 0;
                     let now = hookpipe_common::now_ms();
                     for item in slice {
-                        self.metrics.end_to_end.observe((now - item.row.received_at).max(0) as f64 / 1000.0);
+                        self.metrics
+                            .end_to_end
+                            .observe((now - item.row.received_at).max(0) as f64 / 1000.0);
                         done.push((item.partition, item.offset));
                     }
                     let mut id_buf = Uuid::encode_buffer();
                     let mut counted = 0;
                     while counted < slice.len() {
                         let stream = slice[counted].stream;
-                        let n = slice[counted..].iter().take_while(|i| i.stream == stream).count();
-                        self.metrics.rows_written(stream.hyphenated().encode_lower(&mut id_buf), n as u64);
+                        let n = slice[counted..]
+                            .iter()
+                            .take_while(|i| i.stream == stream)
+                            .count();
+                        self.metrics
+                            .rows_written(stream.hyphenated().encode_lower(&mut id_buf), n as u64);
                         counted += n;
                     }
                 }
@@ -214,7 +247,10 @@ impl<W: Warehouse> Writer<W> {
                     for (index, detail) in rejected {
                         if let Some(item) = slice.get(index) {
                             tracing::warn!(%table, hit_id = %item.row.hit_id, %detail, "row rejected by BigQuery");
-                            if !self.dead_letter(item, Poison::RejectedByBigQuery, detail, &cancel).await {
+                            if !self
+                                .dead_letter(item, Poison::RejectedByBigQuery, detail, &cancel)
+                                .await
+                            {
                                 return done;
                             }
                             done.push((item.partition, item.offset));
@@ -236,7 +272,10 @@ impl<W: Warehouse> Writer<W> {
                 Err(WriteError::RequestRejected(detail)) if slice.len() == 1 => {
                     self.metrics.write_error("request_rejected");
                     tracing::warn!(%table, hit_id = %slice[0].row.hit_id, %detail, "row rejected by BigQuery");
-                    if !self.dead_letter(&slice[0], Poison::RejectedByBigQuery, detail, &cancel).await {
+                    if !self
+                        .dead_letter(&slice[0], Poison::RejectedByBigQuery, detail, &cancel)
+                        .await
+                    {
                         return done;
                     }
                     done.push((slice[0].partition, slice[0].offset));
@@ -269,7 +308,13 @@ impl<W: Warehouse> Writer<W> {
     }
 
     /// Waits before a retry. False if cancelled meanwhile.
-    async fn pause(&self, table: &TableRef, error: &WriteError, attempt: &mut u32, cancel: &CancellationToken) -> bool {
+    async fn pause(
+        &self,
+        table: &TableRef,
+        error: &WriteError,
+        attempt: &mut u32,
+        cancel: &CancellationToken,
+    ) -> bool {
         let delay = self.backoff.delay(*attempt);
         *attempt += 1;
         self.metrics.retries.inc();
@@ -282,7 +327,13 @@ impl<W: Warehouse> Writer<W> {
 
     /// Sends one record to the dead-letter topic, retrying until it is there. False if
     /// cancelled first.
-    async fn dead_letter(&self, item: &Item, reason: Poison, detail: String, cancel: &CancellationToken) -> bool {
+    async fn dead_letter(
+        &self,
+        item: &Item,
+        reason: Poison,
+        detail: String,
+        cancel: &CancellationToken,
+    ) -> bool {
         send_dead_letter(
             &self.dead_letters,
             &self.metrics,
@@ -430,7 +481,9 @@ impl<W: Warehouse> Pipeline<W> {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("drain timeout reached; unwritten rows stay uncommitted and will be re-read");
+            tracing::warn!(
+                "drain timeout reached; unwritten rows stay uncommitted and will be re-read"
+            );
             abort.cancel();
             while let Some(joined) = tasks.join_next().await {
                 self.finish(joined);
@@ -440,9 +493,20 @@ impl<W: Warehouse> Pipeline<W> {
         tracing::info!("sink drained");
     }
 
-    fn spawn_flush(&self, tasks: &mut JoinSet<Done>, batches: &mut Batches, table: &TableRef, trigger: Trigger, abort: &CancellationToken) {
+    fn spawn_flush(
+        &self,
+        tasks: &mut JoinSet<Done>,
+        batches: &mut Batches,
+        table: &TableRef,
+        trigger: Trigger,
+        abort: &CancellationToken,
+    ) {
         if let Some(batch) = batches.take(table) {
-            tasks.spawn(self.writer.clone().flush(table.clone(), batch, trigger, abort.clone()));
+            tasks.spawn(
+                self.writer
+                    .clone()
+                    .flush(table.clone(), batch, trigger, abort.clone()),
+            );
         }
     }
 
@@ -478,7 +542,11 @@ impl<W: Warehouse> Pipeline<W> {
                 }
             }
             Err(error) => {
-                self.writer.metrics.commits.with_label_values(&["error"]).inc();
+                self.writer
+                    .metrics
+                    .commits
+                    .with_label_values(&["error"])
+                    .inc();
                 tracing::warn!(%error, "offset commit failed, will retry");
             }
         }
@@ -493,11 +561,23 @@ impl<W: Warehouse> Pipeline<W> {
                 return false;
             }
         };
-        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
         match result {
             Ok(()) => {
                 self.writer.metrics.paused.set(i64::from(pause));
-                tracing::info!(paused = pause, "consumption {}", if pause { "paused: buffer full" } else { "resumed" });
+                tracing::info!(
+                    paused = pause,
+                    "consumption {}",
+                    if pause {
+                        "paused: buffer full"
+                    } else {
+                        "resumed"
+                    }
+                );
                 true
             }
             Err(error) => {

@@ -58,7 +58,9 @@ pub struct Placed {
 
 /// The envelope's stream and receipt time, when it decodes, for dead letters and replay filters.
 pub fn envelope_facts(value: &[u8]) -> Option<(String, i64)> {
-    Envelope::decode(value).ok().map(|e| (e.stream_id, e.received_at_ms))
+    Envelope::decode(value)
+        .ok()
+        .map(|e| (e.stream_id, e.received_at_ms))
 }
 
 /// Decodes a record value and places it in its stream's table.
@@ -70,15 +72,21 @@ pub fn place(value: &[u8], catalogue: &Catalogue) -> Result<Placed, (Poison, Str
     if Uuid::try_parse(&envelope.hit_id).is_err() {
         return Err((Poison::Undecodable, "hit_id is not a UUID".to_owned()));
     }
-    let stream = catalogue
-        .get(&stream_id)
-        .ok_or_else(|| (Poison::UnknownStream, format!("stream {stream_id} is not in the catalogue")))?;
-    let date = stream.zone.date_of(envelope.received_at_ms).ok_or_else(|| {
+    let stream = catalogue.get(&stream_id).ok_or_else(|| {
         (
-            Poison::Undecodable,
-            format!("received_at {} is out of range", envelope.received_at_ms),
+            Poison::UnknownStream,
+            format!("stream {stream_id} is not in the catalogue"),
         )
     })?;
+    let date = stream
+        .zone
+        .date_of(envelope.received_at_ms)
+        .ok_or_else(|| {
+            (
+                Poison::Undecodable,
+                format!("received_at {} is out of range", envelope.received_at_ms),
+            )
+        })?;
     let payload = String::from_utf8(envelope.payload.to_vec())
         .map_err(|_| (Poison::InvalidPayload, "payload is not UTF-8".to_owned()))?;
     Ok(Placed {
@@ -120,13 +128,23 @@ mod tests {
     #[test]
     fn the_documented_row() {
         let placed = place(
-            &envelope(STREAM, b"orderId=N1&status=delivered&total=120.13&userId=U1", 1_603_131_452_123),
+            &envelope(
+                STREAM,
+                b"orderId=N1&status=delivered&total=120.13&userId=U1",
+                1_603_131_452_123,
+            ),
             &catalogue(),
         )
         .unwrap();
-        assert_eq!(placed.table.to_string(), "local-project.offline_data.crm_orders");
+        assert_eq!(
+            placed.table.to_string(),
+            "local-project.offline_data.crm_orders"
+        );
         assert_eq!(placed.row.hit_id, "83cc2a6a-4829-4410-bab4-95b680c5b8d7");
-        assert_eq!(placed.row.payload, "orderId=N1&status=delivered&total=120.13&userId=U1");
+        assert_eq!(
+            placed.row.payload,
+            "orderId=N1&status=delivered&total=120.13&userId=U1"
+        );
         assert_eq!(placed.row.received_at, 1_603_131_452_123);
         assert_eq!(placed.row.date.to_string(), "2020-10-19");
         let json = serde_json::to_value(&placed.row).unwrap();
@@ -144,12 +162,26 @@ mod tests {
     #[test]
     fn poison_kinds() {
         let c = catalogue();
-        assert_eq!(place(b"\xff\xff\xff", &c).unwrap_err().0, Poison::Undecodable);
         assert_eq!(
-            place(&envelope("0b7c7c8e-3f7e-4c59-9a53-5d7f0f1f2b10", b"a", 1), &c).unwrap_err().0,
+            place(b"\xff\xff\xff", &c).unwrap_err().0,
+            Poison::Undecodable
+        );
+        assert_eq!(
+            place(
+                &envelope("0b7c7c8e-3f7e-4c59-9a53-5d7f0f1f2b10", b"a", 1),
+                &c
+            )
+            .unwrap_err()
+            .0,
             Poison::UnknownStream
         );
-        assert_eq!(place(&envelope(STREAM, b"\xff", 1), &c).unwrap_err().0, Poison::InvalidPayload);
-        assert_eq!(place(&envelope("nope", b"a", 1), &c).unwrap_err().0, Poison::Undecodable);
+        assert_eq!(
+            place(&envelope(STREAM, b"\xff", 1), &c).unwrap_err().0,
+            Poison::InvalidPayload
+        );
+        assert_eq!(
+            place(&envelope("nope", b"a", 1), &c).unwrap_err().0,
+            Poison::Undecodable
+        );
     }
 }

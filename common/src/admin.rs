@@ -71,7 +71,11 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 
 /// Serves `app` on `listener` until `cancel` fires. The admin server outlives the drain of the
 /// main work (the caller cancels it last), so probes keep answering while the process drains.
-pub async fn serve(listener: TcpListener, app: Router, cancel: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

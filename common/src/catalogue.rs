@@ -37,7 +37,8 @@ impl std::str::FromStr for TableRef {
     /// the table and dataset are taken from the right.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.rsplitn(3, '.');
-        let (Some(table), Some(dataset), Some(project)) = (parts.next(), parts.next(), parts.next())
+        let (Some(table), Some(dataset), Some(project)) =
+            (parts.next(), parts.next(), parts.next())
         else {
             return Err(format!("`{s}` is not of the form project.dataset.table"));
         };
@@ -53,7 +54,9 @@ impl std::str::FromStr for TableRef {
         }
         let dataset_ok = !dataset.is_empty()
             && dataset.len() <= 1024
-            && dataset.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            && dataset
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !dataset_ok {
             return Err(format!(
                 "dataset `{dataset}` may hold only letters, digits and `_` (1 to 1024)"
@@ -255,7 +258,8 @@ impl Catalogue {
         let mut first_index: HashMap<Uuid, usize> = HashMap::new();
         for (index, raw) in raw.streams.into_iter().enumerate() {
             let label = format!("stream {} (streams[{index}])", raw.id);
-            let mut problem = |field: &str, msg: String| problems.push(format!("{label}: {field}: {msg}"));
+            let mut problem =
+                |field: &str, msg: String| problems.push(format!("{label}: {field}: {msg}"));
             let id = match Uuid::try_parse(raw.id.trim()) {
                 Ok(id) if id.is_nil() => {
                     problem("id", "the nil UUID is not a stream id".into());
@@ -373,15 +377,18 @@ fn validate_auth(raw: RawAuth) -> Result<AuthSpec, (&'static str, String)> {
             check_secrets(&secrets)?;
             let header = header.unwrap_or_else(|| DEFAULT_SIGNATURE_HEADER.to_owned());
             if !header_ok(&header) {
-                return Err(("header", format!("`{header}` is not a valid HTTP header name")));
+                return Err((
+                    "header",
+                    format!("`{header}` is not a valid HTTP header name"),
+                ));
             }
-            if let Some(ts) = &timestamp_header {
-                if !header_ok(ts) {
-                    return Err((
-                        "timestamp_header",
-                        format!("`{ts}` is not a valid HTTP header name"),
-                    ));
-                }
+            if let Some(ts) = &timestamp_header
+                && !header_ok(ts)
+            {
+                return Err((
+                    "timestamp_header",
+                    format!("`{ts}` is not a valid HTTP header name"),
+                ));
             }
             let tolerance = match tolerance_seconds {
                 Some(0) => return Err(("tolerance_seconds", "must be at least 1".into())),
@@ -571,7 +578,10 @@ streams:
     #[test]
     fn rule_id_must_be_a_uuid() {
         let p = problems("streams:\n  - id: orders\n    table: p.d.t\n    timezone: UTC\n");
-        assert_eq!(p, ["stream orders (streams[0]): id: `orders` is not a UUID"]);
+        assert_eq!(
+            p,
+            ["stream orders (streams[0]): id: `orders` is not a UUID"]
+        );
     }
 
     #[test]
@@ -584,55 +594,80 @@ streams:
 
     #[test]
     fn rule_ids_are_unique() {
-        let entry = "  - id: 522ed95e-9f07-45f6-a0b7-28bf2d0315e5\n    table: p.d.t\n    timezone: UTC\n";
+        let entry =
+            "  - id: 522ed95e-9f07-45f6-a0b7-28bf2d0315e5\n    table: p.d.t\n    timezone: UTC\n";
         let p = problems(&format!("streams:\n{entry}{entry}"));
         assert_eq!(
             p,
-            ["stream 522ed95e-9f07-45f6-a0b7-28bf2d0315e5 (streams[1]): id: already used by streams[0]"]
+            [
+                "stream 522ed95e-9f07-45f6-a0b7-28bf2d0315e5 (streams[1]): id: already used by streams[0]"
+            ]
         );
     }
 
     #[test]
     fn rule_table_has_three_parts() {
-        let p = problems(&one_stream("    table: offline_data.crm_orders\n    timezone: UTC\n"));
+        let p = problems(&one_stream(
+            "    table: offline_data.crm_orders\n    timezone: UTC\n",
+        ));
         assert_eq!(
             p,
-            ["stream 522ed95e-9f07-45f6-a0b7-28bf2d0315e5 (streams[0]): table: `offline_data.crm_orders` is not of the form project.dataset.table"]
+            [
+                "stream 522ed95e-9f07-45f6-a0b7-28bf2d0315e5 (streams[0]): table: `offline_data.crm_orders` is not of the form project.dataset.table"
+            ]
         );
     }
 
     #[test]
     fn rule_table_names_use_allowed_characters() {
-        let p = problems(&one_stream("    table: p.bad-dataset.t\n    timezone: UTC\n"));
+        let p = problems(&one_stream(
+            "    table: p.bad-dataset.t\n    timezone: UTC\n",
+        ));
         assert!(p[0].contains("table: dataset `bad-dataset`"), "{p:?}");
         let p = problems(&one_stream("    table: Proj.d.t\n    timezone: UTC\n"));
         assert!(p[0].contains("table: project `Proj`"), "{p:?}");
-        let p = problems(&one_stream("    table: p.d.t$20200101\n    timezone: UTC\n"));
+        let p = problems(&one_stream(
+            "    table: p.d.t$20200101\n    timezone: UTC\n",
+        ));
         assert!(p[0].contains("table: table `t$20200101`"), "{p:?}");
         // A domain-scoped project id is fine.
         let ok = one_stream("    table: example.com:proj.d.t\n    timezone: UTC\n");
         let c = Catalogue::from_yaml(&ok).unwrap();
-        assert_eq!(c.streams().next().unwrap().table.project, "example.com:proj");
+        assert_eq!(
+            c.streams().next().unwrap().table.project,
+            "example.com:proj"
+        );
     }
 
     #[test]
     fn rule_timezone_must_be_known() {
-        let p = problems(&one_stream("    table: p.d.t\n    timezone: Mars/Olympus\n"));
-        assert!(p[0].contains("(streams[0]): timezone: `Mars/Olympus` is not a time zone"), "{p:?}");
+        let p = problems(&one_stream(
+            "    table: p.d.t\n    timezone: Mars/Olympus\n",
+        ));
+        assert!(
+            p[0].contains("(streams[0]): timezone: `Mars/Olympus` is not a time zone"),
+            "{p:?}"
+        );
         let p = problems(&one_stream("    table: p.d.t\n    timezone: \"+25:00\"\n"));
-        assert!(p[0].contains("timezone: offset `+25:00` is outside"), "{p:?}");
+        assert!(
+            p[0].contains("timezone: offset `+25:00` is outside"),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn rule_required_fields_are_present() {
         let err = Catalogue::from_yaml(&one_stream("    table: p.d.t\n")).unwrap_err();
-        assert!(err.to_string().contains("missing field `timezone`"), "{err}");
+        assert!(
+            err.to_string().contains("missing field `timezone`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rule_unknown_fields_are_refused() {
-        let err = Catalogue::from_yaml(&one_stream("    tabel: p.d.t\n    timezone: UTC\n"))
-            .unwrap_err();
+        let err =
+            Catalogue::from_yaml(&one_stream("    tabel: p.d.t\n    timezone: UTC\n")).unwrap_err();
         assert!(err.to_string().contains("unknown field `tabel`"), "{err}");
         let err = Catalogue::from_yaml("stream: []").unwrap_err();
         assert!(err.to_string().contains("unknown field `stream`"), "{err}");
@@ -652,7 +687,10 @@ streams:
         let p = problems(&one_stream(
             "    table: p.d.t\n    timezone: UTC\n    auth:\n      type: bearer\n      secrets: []\n",
         ));
-        assert!(p[0].contains("auth.secrets: at least one secret is required"), "{p:?}");
+        assert!(
+            p[0].contains("auth.secrets: at least one secret is required"),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -660,7 +698,10 @@ streams:
         let p = problems(&one_stream(
             "    table: p.d.t\n    timezone: UTC\n    auth:\n      type: bearer\n      secrets: [{env: A, file: /b}]\n",
         ));
-        assert!(p[0].contains("auth.secrets: secrets[0] must name exactly one"), "{p:?}");
+        assert!(
+            p[0].contains("auth.secrets: secrets[0] must name exactly one"),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -677,7 +718,10 @@ streams:
         let p = problems(&one_stream(
             "    table: p.d.t\n    timezone: UTC\n    auth:\n      type: hmac-sha256\n      header: \"X Sig\"\n      secrets: [{env: A}]\n",
         ));
-        assert!(p[0].contains("auth.header: `X Sig` is not a valid HTTP header name"), "{p:?}");
+        assert!(
+            p[0].contains("auth.header: `X Sig` is not a valid HTTP header name"),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -685,7 +729,10 @@ streams:
         let p = problems(&one_stream(
             "    table: p.d.t\n    timezone: UTC\n    auth:\n      type: hmac-sha256\n      tolerance_seconds: 30\n      secrets: [{env: A}]\n",
         ));
-        assert!(p[0].contains("auth.tolerance_seconds: only applies"), "{p:?}");
+        assert!(
+            p[0].contains("auth.tolerance_seconds: only applies"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -52,7 +52,11 @@ fn is_secret_key(key: &str) -> bool {
 #[derive(clap::Args, Clone, Debug)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long = "kafka-brokers", env = "HOOKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long = "kafka-brokers",
+        env = "HOOKPIPE_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub brokers: String,
 
     /// The main topic that carries envelopes from the gateway to the sink.
@@ -72,7 +76,11 @@ pub struct KafkaArgs {
     pub sasl_username: Option<String>,
 
     /// SASL password. Prefer the environment (from a Kubernetes Secret) over the command line.
-    #[arg(long = "kafka-sasl-password", env = "HOOKPIPE_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "kafka-sasl-password",
+        env = "HOOKPIPE_KAFKA_SASL_PASSWORD",
+        hide_env_values = true
+    )]
     pub sasl_password: Option<Secret>,
 
     /// CA certificate file (PEM) to verify the brokers' TLS certificates; the system store is
@@ -82,7 +90,11 @@ pub struct KafkaArgs {
 
     /// Any other librdkafka property as key=value; repeat the flag, or separate with commas in
     /// the environment variable. Applied last, so it overrides the settings above.
-    #[arg(long = "kafka-property", env = "HOOKPIPE_KAFKA_PROPERTIES", value_delimiter = ',')]
+    #[arg(
+        long = "kafka-property",
+        env = "HOOKPIPE_KAFKA_PROPERTIES",
+        value_delimiter = ','
+    )]
     pub properties: Vec<Property>,
 }
 
@@ -170,7 +182,10 @@ mod tests {
             "--kafka-property=linger.ms=5",
         ]);
         let debug = format!("{:?}", cli.kafka);
-        assert!(!debug.contains("pw-123") && !debug.contains("kp-456"), "{debug}");
+        assert!(
+            !debug.contains("pw-123") && !debug.contains("kp-456"),
+            "{debug}"
+        );
         assert!(debug.contains("linger.ms=5"), "{debug}");
         cli.kafka.validate().unwrap();
         let mut config = cli.kafka.client_config();
@@ -182,10 +197,24 @@ mod tests {
 
     #[test]
     fn sasl_without_credentials_is_refused() {
-        let cli = Cli::parse_from(["x", "--kafka-security-protocol=sasl_ssl", "--kafka-sasl-mechanism=PLAIN"]);
-        assert!(cli.kafka.validate().unwrap_err().contains("HOOKPIPE_KAFKA_SASL_USERNAME"));
+        let cli = Cli::parse_from([
+            "x",
+            "--kafka-security-protocol=sasl_ssl",
+            "--kafka-sasl-mechanism=PLAIN",
+        ]);
+        assert!(
+            cli.kafka
+                .validate()
+                .unwrap_err()
+                .contains("HOOKPIPE_KAFKA_SASL_USERNAME")
+        );
         let cli = Cli::parse_from(["x", "--kafka-sasl-mechanism=PLAIN"]);
-        assert!(cli.kafka.validate().unwrap_err().contains("security protocol is plaintext"));
+        assert!(
+            cli.kafka
+                .validate()
+                .unwrap_err()
+                .contains("security protocol is plaintext")
+        );
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "" | "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}` is not a duration such as 500ms, 5s, 2m or 1h")),
+        _ => Err(format!(
+            "`{s}` is not a duration such as 500ms, 5s, 2m or 1h"
+        )),
     }
 }
 
@@ -43,7 +45,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(super::parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(
+            super::parse_duration("250ms"),
+            Ok(Duration::from_millis(250))
+        );
         assert_eq!(super::parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(super::parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(super::parse_duration("2m"), Ok(Duration::from_secs(120)));

@@ -26,7 +26,9 @@ pub enum Zone {
 /// Why a time zone string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ZoneError {
-    #[error("`{0}` is not a time zone: use a UTC offset such as `+03:00` or `-05:30`, `UTC`, or an IANA name such as `Europe/Berlin`")]
+    #[error(
+        "`{0}` is not a time zone: use a UTC offset such as `+03:00` or `-05:30`, `UTC`, or an IANA name such as `Europe/Berlin`"
+    )]
     Unknown(String),
     #[error("offset `{0}` is malformed: expected `+HH:MM` or `-HH:MM` with minutes below 60")]
     MalformedOffset(String),
@@ -116,7 +118,9 @@ mod tests {
     use super::*;
 
     fn ms(rfc3339: &str) -> i64 {
-        DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis()
+        DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis()
     }
 
     fn day(zone: &str, instant: &str) -> String {
@@ -128,35 +132,74 @@ mod tests {
     fn the_documented_example_row() {
         // DESIGN.md: received 2020-10-19 18:17:32.123 UTC, offset +00:00.
         let zone: Zone = "+00:00".parse().unwrap();
-        assert_eq!(zone.date_of(1_603_131_452_123).unwrap().to_string(), "2020-10-19");
+        assert_eq!(
+            zone.date_of(1_603_131_452_123).unwrap().to_string(),
+            "2020-10-19"
+        );
         assert_eq!(day("+03:00", "2020-10-19T18:17:32.123Z"), "2020-10-19");
     }
 
     #[test]
     fn new_york_spring_forward_2021_moves_midnight_to_04_utc() {
         // 2021-03-14 02:00 EST became 03:00 EDT. Before: midnight is 05:00 UTC.
-        assert_eq!(day("America/New_York", "2021-03-14T04:59:59.999Z"), "2021-03-13");
-        assert_eq!(day("America/New_York", "2021-03-14T05:00:00.000Z"), "2021-03-14");
+        assert_eq!(
+            day("America/New_York", "2021-03-14T04:59:59.999Z"),
+            "2021-03-13"
+        );
+        assert_eq!(
+            day("America/New_York", "2021-03-14T05:00:00.000Z"),
+            "2021-03-14"
+        );
         // Across the change itself the day stays the same.
-        assert_eq!(day("America/New_York", "2021-03-14T06:59:59.999Z"), "2021-03-14");
-        assert_eq!(day("America/New_York", "2021-03-14T07:00:00.000Z"), "2021-03-14");
+        assert_eq!(
+            day("America/New_York", "2021-03-14T06:59:59.999Z"),
+            "2021-03-14"
+        );
+        assert_eq!(
+            day("America/New_York", "2021-03-14T07:00:00.000Z"),
+            "2021-03-14"
+        );
         // After: midnight of the 15th is 04:00 UTC (a fixed -05:00 would still say the 14th).
-        assert_eq!(day("America/New_York", "2021-03-15T03:59:59.999Z"), "2021-03-14");
-        assert_eq!(day("America/New_York", "2021-03-15T04:00:00.000Z"), "2021-03-15");
+        assert_eq!(
+            day("America/New_York", "2021-03-15T03:59:59.999Z"),
+            "2021-03-14"
+        );
+        assert_eq!(
+            day("America/New_York", "2021-03-15T04:00:00.000Z"),
+            "2021-03-15"
+        );
         assert_eq!(day("-05:00", "2021-03-15T04:00:00.000Z"), "2021-03-14");
     }
 
     #[test]
     fn new_york_fall_back_2021_moves_midnight_to_05_utc() {
         // 2021-11-07 02:00 EDT became 01:00 EST. Before: midnight is 04:00 UTC.
-        assert_eq!(day("America/New_York", "2021-11-07T03:59:59.999Z"), "2021-11-06");
-        assert_eq!(day("America/New_York", "2021-11-07T04:00:00.000Z"), "2021-11-07");
+        assert_eq!(
+            day("America/New_York", "2021-11-07T03:59:59.999Z"),
+            "2021-11-06"
+        );
+        assert_eq!(
+            day("America/New_York", "2021-11-07T04:00:00.000Z"),
+            "2021-11-07"
+        );
         // The repeated hour 01:00-02:00 local is still the 7th.
-        assert_eq!(day("America/New_York", "2021-11-07T05:30:00.000Z"), "2021-11-07");
-        assert_eq!(day("America/New_York", "2021-11-07T06:30:00.000Z"), "2021-11-07");
+        assert_eq!(
+            day("America/New_York", "2021-11-07T05:30:00.000Z"),
+            "2021-11-07"
+        );
+        assert_eq!(
+            day("America/New_York", "2021-11-07T06:30:00.000Z"),
+            "2021-11-07"
+        );
         // After: midnight of the 8th is 05:00 UTC (a fixed -04:00 would already say the 8th).
-        assert_eq!(day("America/New_York", "2021-11-08T04:59:59.999Z"), "2021-11-07");
-        assert_eq!(day("America/New_York", "2021-11-08T05:00:00.000Z"), "2021-11-08");
+        assert_eq!(
+            day("America/New_York", "2021-11-08T04:59:59.999Z"),
+            "2021-11-07"
+        );
+        assert_eq!(
+            day("America/New_York", "2021-11-08T05:00:00.000Z"),
+            "2021-11-08"
+        );
         assert_eq!(day("-04:00", "2021-11-08T04:30:00.000Z"), "2021-11-08");
     }
 
@@ -189,25 +232,56 @@ mod tests {
     #[test]
     fn offset_spellings() {
         let plus3 = Zone::Fixed(FixedOffset::east_opt(3 * 3600).unwrap());
-        for s in ["+03:00", "+0300", "+03", "UTC+03:00", "GMT+03:00", " +03:00 "] {
+        for s in [
+            "+03:00",
+            "+0300",
+            "+03",
+            "UTC+03:00",
+            "GMT+03:00",
+            " +03:00 ",
+        ] {
             assert_eq!(s.parse::<Zone>().unwrap(), plus3, "{s}");
         }
         assert_eq!("-05:30".parse::<Zone>().unwrap().to_string(), "-05:30");
         assert_eq!("Z".parse::<Zone>().unwrap(), Zone::UTC);
         assert_eq!("+00:00".parse::<Zone>().unwrap().to_string(), "UTC");
         // IANA names keep their own meaning, including the inverted Etc/GMT signs.
-        assert_eq!("Etc/GMT+3".parse::<Zone>().unwrap(), Zone::Named(Tz::Etc__GMTPlus3));
-        assert_eq!("Europe/Berlin".parse::<Zone>().unwrap().to_string(), "Europe/Berlin");
+        assert_eq!(
+            "Etc/GMT+3".parse::<Zone>().unwrap(),
+            Zone::Named(Tz::Etc__GMTPlus3)
+        );
+        assert_eq!(
+            "Europe/Berlin".parse::<Zone>().unwrap().to_string(),
+            "Europe/Berlin"
+        );
     }
 
     #[test]
     fn bad_zones_are_refused_with_a_reason() {
-        assert!(matches!("Mars/Olympus".parse::<Zone>(), Err(ZoneError::Unknown(_))));
+        assert!(matches!(
+            "Mars/Olympus".parse::<Zone>(),
+            Err(ZoneError::Unknown(_))
+        ));
         assert!(matches!("".parse::<Zone>(), Err(ZoneError::Unknown(_))));
-        assert!(matches!("+3:0".parse::<Zone>(), Err(ZoneError::MalformedOffset(_))));
-        assert!(matches!("+03:60".parse::<Zone>(), Err(ZoneError::MalformedOffset(_))));
-        assert!(matches!("+03:00:00".parse::<Zone>(), Err(ZoneError::MalformedOffset(_))));
-        assert!(matches!("+15:00".parse::<Zone>(), Err(ZoneError::OffsetOutOfRange(_))));
-        assert!(matches!("-12:30".parse::<Zone>(), Err(ZoneError::OffsetOutOfRange(_))));
+        assert!(matches!(
+            "+3:0".parse::<Zone>(),
+            Err(ZoneError::MalformedOffset(_))
+        ));
+        assert!(matches!(
+            "+03:60".parse::<Zone>(),
+            Err(ZoneError::MalformedOffset(_))
+        ));
+        assert!(matches!(
+            "+03:00:00".parse::<Zone>(),
+            Err(ZoneError::MalformedOffset(_))
+        ));
+        assert!(matches!(
+            "+15:00".parse::<Zone>(),
+            Err(ZoneError::OffsetOutOfRange(_))
+        ));
+        assert!(matches!(
+            "-12:30".parse::<Zone>(),
+            Err(ZoneError::OffsetOutOfRange(_))
+        ));
     }
 }

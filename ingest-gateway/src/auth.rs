@@ -60,7 +60,9 @@ impl AuthFailure {
 /// Reads one secret from where the catalogue says it is.
 pub fn resolve(secret: &SecretRef) -> Result<Secret, String> {
     let value = match (&secret.env, &secret.file) {
-        (Some(env), _) => std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))?,
+        (Some(env), _) => {
+            std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))?
+        }
         (None, Some(file)) => std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?,
         (None, None) => return Err("secret names no source".into()),
@@ -90,7 +92,12 @@ impl Verifier {
 
     /// Checks a request. `now_secs` is the gateway's clock (Unix seconds), passed in so the
     /// check stays pure.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now_secs: i64) -> Result<(), AuthFailure> {
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now_secs: i64,
+    ) -> Result<(), AuthFailure> {
         match self {
             Verifier::Bearer { tokens } => {
                 let value = headers
@@ -106,7 +113,11 @@ impl Verifier {
                 let matched = tokens.iter().fold(0u8, |acc, t| {
                     acc | t.expose().as_bytes().ct_eq(token.as_bytes()).unwrap_u8()
                 });
-                if matched == 1 { Ok(()) } else { Err(AuthFailure::InvalidToken) }
+                if matched == 1 {
+                    Ok(())
+                } else {
+                    Err(AuthFailure::InvalidToken)
+                }
             }
             Verifier::Hmac { spec, keys } => verify_hmac(spec, keys, headers, body, now_secs),
         }
@@ -130,7 +141,9 @@ fn verify_hmac(
         .ok_or(AuthFailure::MalformedSignature)?;
     let given = match spec.encoding {
         SignatureEncoding::Hex => decode_hex(encoded),
-        SignatureEncoding::Base64 => base64::engine::general_purpose::STANDARD.decode(encoded).ok(),
+        SignatureEncoding::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok(),
     }
     .filter(|sig| sig.len() == 32)
     .ok_or(AuthFailure::MalformedSignature)?;
@@ -162,13 +175,22 @@ fn verify_hmac(
             mac.update(b".");
         }
         mac.update(body);
-        matched |= mac.finalize().into_bytes().as_slice().ct_eq(&given).unwrap_u8();
+        matched |= mac
+            .finalize()
+            .into_bytes()
+            .as_slice()
+            .ct_eq(&given)
+            .unwrap_u8();
     }
-    if matched == 1 { Ok(()) } else { Err(AuthFailure::InvalidSignature) }
+    if matched == 1 {
+        Ok(())
+    } else {
+        Err(AuthFailure::InvalidSignature)
+    }
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -185,7 +207,11 @@ mod tests {
     fn hmac_hex(key: &str, msg: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
         mac.update(msg);
-        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     fn spec(timestamp: bool, encoding: SignatureEncoding) -> HmacSpec {
@@ -213,15 +239,29 @@ mod tests {
             tokens: vec![Secret::new("old-token"), Secret::new("new-token")],
         };
         for t in ["old-token", "new-token"] {
-            assert_eq!(v.verify(&headers(&[("authorization", format!("Bearer {t}"))]), b"", 0), Ok(()));
+            assert_eq!(
+                v.verify(
+                    &headers(&[("authorization", format!("Bearer {t}"))]),
+                    b"",
+                    0
+                ),
+                Ok(())
+            );
         }
         assert_eq!(
             v.verify(&headers(&[("authorization", "Bearer nope".into())]), b"", 0),
             Err(AuthFailure::InvalidToken)
         );
-        assert_eq!(v.verify(&HeaderMap::new(), b"", 0), Err(AuthFailure::MissingCredentials));
         assert_eq!(
-            v.verify(&headers(&[("authorization", "Basic b2xkLXRva2Vu".into())]), b"", 0),
+            v.verify(&HeaderMap::new(), b"", 0),
+            Err(AuthFailure::MissingCredentials)
+        );
+        assert_eq!(
+            v.verify(
+                &headers(&[("authorization", "Basic b2xkLXRva2Vu".into())]),
+                b"",
+                0
+            ),
             Err(AuthFailure::MissingCredentials)
         );
     }
@@ -234,9 +274,16 @@ mod tests {
         };
         let body = b"orderId=N1&status=delivered";
         let good = format!("sha256={}", hmac_hex("k1", body));
-        assert_eq!(v.verify(&headers(&[("x-signature", good.clone())]), body, 0), Ok(()));
         assert_eq!(
-            v.verify(&headers(&[("x-signature", good)]), b"orderId=N1&status=refunded", 0),
+            v.verify(&headers(&[("x-signature", good.clone())]), body, 0),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify(
+                &headers(&[("x-signature", good)]),
+                b"orderId=N1&status=refunded",
+                0
+            ),
             Err(AuthFailure::InvalidSignature)
         );
         let wrong_key = format!("sha256={}", hmac_hex("k2", body));
@@ -253,7 +300,10 @@ mod tests {
             Err(AuthFailure::MalformedSignature),
             "the configured prefix is required"
         );
-        assert_eq!(v.verify(&HeaderMap::new(), body, 0), Err(AuthFailure::MissingSignature));
+        assert_eq!(
+            v.verify(&HeaderMap::new(), body, 0),
+            Err(AuthFailure::MissingSignature)
+        );
     }
 
     #[test]
@@ -267,7 +317,14 @@ mod tests {
             let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
             mac.update(body);
             let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-            assert_eq!(v.verify(&headers(&[("x-signature", format!("sha256={sig}"))]), body, 0), Ok(()));
+            assert_eq!(
+                v.verify(
+                    &headers(&[("x-signature", format!("sha256={sig}"))]),
+                    body,
+                    0
+                ),
+                Ok(())
+            );
         }
     }
 
@@ -288,8 +345,14 @@ mod tests {
             ])
         };
         assert_eq!(v.verify(&signed(now - 10), body, now), Ok(()));
-        assert_eq!(v.verify(&signed(now - 301), body, now), Err(AuthFailure::StaleTimestamp));
-        assert_eq!(v.verify(&signed(now + 301), body, now), Err(AuthFailure::StaleTimestamp));
+        assert_eq!(
+            v.verify(&signed(now - 301), body, now),
+            Err(AuthFailure::StaleTimestamp)
+        );
+        assert_eq!(
+            v.verify(&signed(now + 301), body, now),
+            Err(AuthFailure::StaleTimestamp)
+        );
         // A signature over the body alone does not pass when a timestamp is required.
         let mut h = headers(&[("x-signature", format!("sha256={}", hmac_hex("k1", body)))]);
         assert_eq!(v.verify(&h, body, now), Err(AuthFailure::MissingTimestamp));
@@ -298,7 +361,10 @@ mod tests {
         // Replaying a signed request with a fresh timestamp does not verify.
         let mut replay = signed(now - 10);
         replay.insert("x-timestamp", now.to_string().parse().unwrap());
-        assert_eq!(v.verify(&replay, body, now), Err(AuthFailure::InvalidSignature));
+        assert_eq!(
+            v.verify(&replay, body, now),
+            Err(AuthFailure::InvalidSignature)
+        );
     }
 
     #[test]

@@ -35,7 +35,11 @@ pub struct Config {
 
     /// Header whose value makes hit_id deterministic (UUID v5 of stream id + key), so a
     /// sender's retry is recognised as the same hit.
-    #[arg(long, env = "HOOKPIPE_IDEMPOTENCY_HEADER", default_value = "Idempotency-Key")]
+    #[arg(
+        long,
+        env = "HOOKPIPE_IDEMPOTENCY_HEADER",
+        default_value = "Idempotency-Key"
+    )]
     pub idempotency_header: String,
 
     /// How long Kafka may take to acknowledge a message before the sender gets 503
@@ -53,7 +57,11 @@ pub struct Config {
 
     /// Messages the producer may hold unacknowledged before new requests get 503
     /// (librdkafka `queue.buffering.max.messages`).
-    #[arg(long, env = "HOOKPIPE_PRODUCER_QUEUE_MESSAGES", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "HOOKPIPE_PRODUCER_QUEUE_MESSAGES",
+        default_value_t = 100_000
+    )]
     pub producer_queue_messages: usize,
 
     /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
@@ -81,7 +89,10 @@ impl Config {
         }
         // BigQuery's insertAll request limit is 10 MB; a row must fit with room to spare.
         if self.max_body_bytes > 8 * 1024 * 1024 {
-            return Err("HOOKPIPE_MAX_BODY_BYTES above 8 MiB cannot be written to BigQuery in one request".into());
+            return Err(
+                "HOOKPIPE_MAX_BODY_BYTES above 8 MiB cannot be written to BigQuery in one request"
+                    .into(),
+            );
         }
         if self.max_in_flight == 0 {
             return Err("HOOKPIPE_MAX_IN_FLIGHT must be at least 1".into());
@@ -93,7 +104,10 @@ impl Config {
             return Err("HOOKPIPE_DRAIN_TIMEOUT must be at least HOOKPIPE_PUBLISH_TIMEOUT, or requests in flight at shutdown could be cut off before Kafka answers".into());
         }
         if axum::http::HeaderName::try_from(self.idempotency_header.as_str()).is_err() {
-            return Err(format!("HOOKPIPE_IDEMPOTENCY_HEADER `{}` is not a header name", self.idempotency_header));
+            return Err(format!(
+                "HOOKPIPE_IDEMPOTENCY_HEADER `{}` is not a header name",
+                self.idempotency_header
+            ));
         }
         Ok(())
     }

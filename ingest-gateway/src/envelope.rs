@@ -53,8 +53,14 @@ mod tests {
     fn idempotency_key_makes_hit_id_stable_per_stream() {
         let a: Uuid = STREAM.parse().unwrap();
         let b = Uuid::now_v7();
-        assert_eq!(hit_id(&a, Some("order-N1-delivered")), hit_id(&a, Some("order-N1-delivered")));
-        assert_ne!(hit_id(&a, Some("order-N1-delivered")), hit_id(&b, Some("order-N1-delivered")));
+        assert_eq!(
+            hit_id(&a, Some("order-N1-delivered")),
+            hit_id(&a, Some("order-N1-delivered"))
+        );
+        assert_ne!(
+            hit_id(&a, Some("order-N1-delivered")),
+            hit_id(&b, Some("order-N1-delivered"))
+        );
         assert_eq!(hit_id(&a, Some("k")).get_version_num(), 5);
     }
 

@@ -40,12 +40,15 @@ impl GatewayStreams {
         let mut verifiers = HashMap::new();
         for stream in catalogue.streams() {
             if let Some(spec) = &stream.auth {
-                let verifier =
-                    Verifier::from_spec(spec).map_err(|e| format!("stream {}: auth: {e}", stream.id))?;
+                let verifier = Verifier::from_spec(spec)
+                    .map_err(|e| format!("stream {}: auth: {e}", stream.id))?;
                 verifiers.insert(stream.id, verifier);
             }
         }
-        Ok(Self { catalogue, verifiers })
+        Ok(Self {
+            catalogue,
+            verifiers,
+        })
     }
 }
 
@@ -109,7 +112,9 @@ async fn handle<P: Publish>(
                 None => Err(ApiError::UnknownStream),
             }
         }
-        Err(_) => Err(ApiError::Unavailable("too many requests in flight, retry later")),
+        Err(_) => Err(ApiError::Unavailable(
+            "too many requests in flight, retry later",
+        )),
     };
     let response = match result {
         Ok(hit_id) => (
@@ -128,7 +133,7 @@ async fn handle<P: Publish>(
     };
     state
         .metrics
-        .request(label, response.status().as_u16(), started.elapsed().as_secs_f64());
+        .request(label, response.status(), started.elapsed().as_secs_f64());
     response
 }
 
@@ -211,7 +216,9 @@ async fn read_body(headers: &HeaderMap, body: Body, limits: &Limits) -> Result<B
     let limited = Limited::new(body, limits.max_body_bytes);
     match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge)
+        }
         Ok(Err(_)) => Err(ApiError::BodyRead),
         Err(_) => Err(ApiError::BodyTimeout),
     }

@@ -69,13 +69,17 @@ fn state(recorder: Arc<Recorder>, slots: usize) -> Arc<AppState<Recorder>> {
 fn secret_file() -> &'static std::path::Path {
     static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("hookpipe-gw-test-token-{}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("hookpipe-gw-test-token-{}", std::process::id()));
         std::fs::write(&path, "tok-1\n").unwrap();
         path
     })
 }
 
-async fn call(state: Arc<AppState<Recorder>>, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+async fn call(
+    state: Arc<AppState<Recorder>>,
+    request: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
     let response = app(state).oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
@@ -95,7 +99,8 @@ fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
 async fn accepted_post_publishes_the_body_byte_for_byte() {
     let rec = Arc::new(Recorder::default());
     let body = "orderId=N1&status=delivered&total=120.13&userId=U1";
-    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), body)).await;
+    let (status, _, json) =
+        call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), body)).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let hit_id = json["hit_id"].as_str().unwrap();
     let sent = rec.sent.lock().unwrap();
@@ -113,7 +118,9 @@ async fn accepted_post_publishes_the_body_byte_for_byte() {
 async fn get_postback_payload_is_the_raw_query_string() {
     let rec = Arc::new(Recorder::default());
     let q = "orderId=N1&status=delivered&note=a%20b&x=1&x=2";
-    let req = Request::get(format!("/ds/{STREAM}?{q}")).body(Body::empty()).unwrap();
+    let req = Request::get(format!("/ds/{STREAM}?{q}"))
+        .body(Body::empty())
+        .unwrap();
     let (status, _, _) = call(state(rec.clone(), 10), req).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let sent = rec.sent.lock().unwrap();
@@ -135,7 +142,10 @@ async fn idempotency_key_gives_the_same_hit_id() {
     let (_, _, a) = call(st.clone(), req()).await;
     let (_, _, b) = call(st, req()).await;
     assert_eq!(a["hit_id"], b["hit_id"]);
-    assert_eq!(rec.sent.lock().unwrap()[0].1.idempotency_key.as_deref(), Some("N1-delivered"));
+    assert_eq!(
+        rec.sent.lock().unwrap()[0].1.idempotency_key.as_deref(),
+        Some("N1-delivered")
+    );
 }
 
 #[tokio::test]
@@ -174,29 +184,48 @@ async fn other_methods_are_405_with_allow() {
 async fn oversized_body_is_413_with_or_without_content_length() {
     let rec = Arc::new(Recorder::default());
     let big = "a".repeat(1025);
-    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), big.clone())).await;
+    let (status, _, json) = call(
+        state(rec.clone(), 10),
+        post(&format!("/ds/{STREAM}"), big.clone()),
+    )
+    .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(json["error"], "payload too large");
     // A streamed body carries no Content-Length: the limit applies while reading.
     let stream = futures_stream(big.into_bytes());
-    let (status, _, _) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), stream)).await;
+    let (status, _, _) = call(
+        state(rec.clone(), 10),
+        post(&format!("/ds/{STREAM}"), stream),
+    )
+    .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     // Exactly at the limit is fine.
-    let (status, _, _) = call(state(rec, 10), post(&format!("/ds/{STREAM}"), "a".repeat(1024))).await;
+    let (status, _, _) = call(
+        state(rec, 10),
+        post(&format!("/ds/{STREAM}"), "a".repeat(1024)),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 }
 
 fn futures_stream(data: Vec<u8>) -> Body {
-    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
-        data.chunks(100).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = data
+        .chunks(100)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
     Body::from_stream(tokio_stream_iter(chunks))
 }
 
-fn tokio_stream_iter<T: Send + 'static>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Send {
+fn tokio_stream_iter<T: Send + 'static>(
+    items: Vec<T>,
+) -> impl futures_core::Stream<Item = T> + Send {
     struct Iter<T>(std::vec::IntoIter<T>);
     impl<T> futures_core::Stream for Iter<T> {
         type Item = T;
-        fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
             std::task::Poll::Ready(self.0.next())
         }
     }
@@ -207,13 +236,19 @@ fn tokio_stream_iter<T: Send + 'static>(items: Vec<T>) -> impl futures_core::Str
 #[tokio::test]
 async fn non_utf8_and_empty_bodies_are_400() {
     let rec = Arc::new(Recorder::default());
-    let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), vec![0x66, 0xff, 0x6f])).await;
+    let (status, _, json) = call(
+        state(rec.clone(), 10),
+        post(&format!("/ds/{STREAM}"), vec![0x66, 0xff, 0x6f]),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(json["error"], "payload is not valid UTF-8");
     let (status, _, json) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), "")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(json["error"], "empty payload");
-    let req = Request::get(format!("/ds/{STREAM}")).body(Body::empty()).unwrap();
+    let req = Request::get(format!("/ds/{STREAM}"))
+        .body(Body::empty())
+        .unwrap();
     let (status, _, _) = call(state(rec.clone(), 10), req).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(rec.sent.lock().unwrap().is_empty());
@@ -234,7 +269,10 @@ async fn bearer_stream_needs_its_token() {
             .unwrap()
     };
     let (status, _, json) = call(state(rec.clone(), 10), with("wrong")).await;
-    assert_eq!((status, json["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid token")));
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid token"))
+    );
     let (status, _, _) = call(state(rec.clone(), 10), with("tok-1")).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(rec.sent.lock().unwrap().len(), 1);
@@ -249,18 +287,23 @@ async fn broker_trouble_is_503_with_retry_after_and_never_2xx() {
     ] {
         let rec = Arc::new(Recorder::default());
         *rec.fail.lock().unwrap() = Some(error.clone());
-        let (status, headers, json) = call(state(rec, 10), post(&format!("/ds/{STREAM}"), "a=1")).await;
+        let (status, headers, json) =
+            call(state(rec, 10), post(&format!("/ds/{STREAM}"), "a=1")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
         assert_eq!(headers["retry-after"], "1");
         let reason = json["error"].as_str().unwrap();
-        assert!(!reason.contains("all brokers down"), "internal text leaked: {reason}");
+        assert!(
+            !reason.contains("all brokers down"),
+            "internal text leaked: {reason}"
+        );
     }
 }
 
 #[tokio::test]
 async fn no_free_slot_is_503_at_once() {
     let rec = Arc::new(Recorder::default());
-    let (status, headers, json) = call(state(rec.clone(), 0), post(&format!("/ds/{STREAM}"), "a=1")).await;
+    let (status, headers, json) =
+        call(state(rec.clone(), 0), post(&format!("/ds/{STREAM}"), "a=1")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
     assert_eq!(json["error"], "too many requests in flight, retry later");
@@ -275,11 +318,30 @@ async fn metrics_count_requests_by_stream_and_status() {
     call(st.clone(), post("/ds/not-a-uuid", "a=1")).await;
     let text = {
         let mut out = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &st.metrics.registry.gather(), &mut out).unwrap();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &st.metrics.registry.gather(),
+            &mut out,
+        )
+        .unwrap();
         String::from_utf8(out).unwrap()
     };
-    assert!(text.contains(&format!("ingest_gateway_http_requests_total{{status=\"202\",stream=\"{STREAM}\"}} 1")), "{text}");
-    assert!(text.contains("ingest_gateway_http_requests_total{status=\"404\",stream=\"unknown\"} 1"), "{text}");
-    assert!(text.contains("ingest_gateway_kafka_publish_duration_seconds_count 1"), "{text}");
-    assert!(text.contains("ingest_gateway_http_requests_in_flight 0"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ingest_gateway_http_requests_total{{status=\"202\",stream=\"{STREAM}\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("ingest_gateway_http_requests_total{status=\"404\",stream=\"unknown\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ingest_gateway_kafka_publish_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ingest_gateway_http_requests_in_flight 0"),
+        "{text}"
+    );
 }

@@ -26,9 +26,12 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(?config, "starting ingest-gateway");
 
     let catalogue = Catalogue::load(&config.catalogue)?;
-    let streams = GatewayStreams::build(catalogue).map_err(|e| anyhow::anyhow!("stream catalogue: {e}"))?;
+    let streams =
+        GatewayStreams::build(catalogue).map_err(|e| anyhow::anyhow!("stream catalogue: {e}"))?;
     let metrics = Arc::new(Metrics::new());
-    metrics.catalogue_streams.set(streams.catalogue.len() as i64);
+    metrics
+        .catalogue_streams
+        .set(streams.catalogue.len() as i64);
     let streams = Arc::new(Shared::new(streams));
 
     let mut kafka_config = producer_config(
@@ -40,8 +43,12 @@ async fn main() -> anyhow::Result<()> {
     );
     config.kafka.apply_overrides(&mut kafka_config);
     let publisher = Arc::new(
-        KafkaPublisher::new(&kafka_config, config.kafka.topic.clone(), config.publish_timeout)
-            .context("creating the Kafka producer")?,
+        KafkaPublisher::new(
+            &kafka_config,
+            config.kafka.topic.clone(),
+            config.publish_timeout,
+        )
+        .context("creating the Kafka producer")?,
     );
 
     let cancel = CancellationToken::new();
@@ -73,14 +80,21 @@ async fn main() -> anyhow::Result<()> {
             cancel,
             move |catalogue| {
                 let built = GatewayStreams::build(catalogue)?;
-                gauge_metrics.catalogue_streams.set(built.catalogue.len() as i64);
+                gauge_metrics
+                    .catalogue_streams
+                    .set(built.catalogue.len() as i64);
                 Ok(built)
             },
             move |outcome| metrics.catalogue_reload(outcome.as_str()),
         )
     });
 
-    tokio::spawn(readiness_loop(publisher.clone(), metrics.clone(), ready.clone(), cancel.clone()));
+    tokio::spawn(readiness_loop(
+        publisher.clone(),
+        metrics.clone(),
+        ready.clone(),
+        cancel.clone(),
+    ));
 
     let state = Arc::new(AppState {
         streams,
@@ -154,7 +168,11 @@ async fn readiness_loop(
         }
         ready.set(now_ready);
         was_ready = now_ready;
-        let pause = if now_ready { Duration::from_secs(2) } else { Duration::from_millis(250) };
+        let pause = if now_ready {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(250)
+        };
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(pause) => {}

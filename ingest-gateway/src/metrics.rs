@@ -1,9 +1,7 @@
 //! Every metric the gateway exports, defined once. Label values come from closed sets: the
 //! `stream` label is a catalogue stream id or `unknown`, never a raw path.
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -24,7 +22,9 @@ pub const UNKNOWN_STREAM: &str = "unknown";
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
     // Names are fixed and distinct, so registration cannot fail at run time.
     #[allow(clippy::expect_used)]
-    registry.register(Box::new(metric.clone())).expect("metric registered twice");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered twice");
     metric
 }
 
@@ -33,12 +33,16 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let latency_buckets = vec![
-            0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0,
         ];
         let requests = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("ingest_gateway_http_requests_total", "Webhook requests by stream and HTTP status"),
+                Opts::new(
+                    "ingest_gateway_http_requests_total",
+                    "Webhook requests by stream and HTTP status",
+                ),
                 &["stream", "status"],
             )
             .expect("valid metric"),
@@ -69,14 +73,21 @@ impl Metrics {
         let payload_size = register(
             &registry,
             Histogram::with_opts(
-                HistogramOpts::new("ingest_gateway_payload_size_bytes", "Size of accepted payloads")
-                    .buckets(prometheus::exponential_buckets(64.0, 4.0, 9).expect("valid buckets")),
+                HistogramOpts::new(
+                    "ingest_gateway_payload_size_bytes",
+                    "Size of accepted payloads",
+                )
+                .buckets(prometheus::exponential_buckets(64.0, 4.0, 9).expect("valid buckets")),
             )
             .expect("valid metric"),
         );
         let in_flight = register(
             &registry,
-            IntGauge::new("ingest_gateway_http_requests_in_flight", "Webhook requests being handled").expect("valid metric"),
+            IntGauge::new(
+                "ingest_gateway_http_requests_in_flight",
+                "Webhook requests being handled",
+            )
+            .expect("valid metric"),
         );
         let producer_queue = register(
             &registry,
@@ -89,7 +100,10 @@ impl Metrics {
         let auth_failures = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("ingest_gateway_auth_failures_total", "Requests refused by a stream's auth rule"),
+                Opts::new(
+                    "ingest_gateway_auth_failures_total",
+                    "Requests refused by a stream's auth rule",
+                ),
                 &["stream", "reason"],
             )
             .expect("valid metric"),
@@ -97,14 +111,21 @@ impl Metrics {
         let catalogue_reloads = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("ingest_gateway_catalogue_reloads_total", "Catalogue reload attempts by outcome (applied, rejected)"),
+                Opts::new(
+                    "ingest_gateway_catalogue_reloads_total",
+                    "Catalogue reload attempts by outcome (applied, rejected)",
+                ),
                 &["outcome"],
             )
             .expect("valid metric"),
         );
         let catalogue_streams = register(
             &registry,
-            IntGauge::new("ingest_gateway_catalogue_streams", "Streams in the catalogue in force").expect("valid metric"),
+            IntGauge::new(
+                "ingest_gateway_catalogue_streams",
+                "Streams in the catalogue in force",
+            )
+            .expect("valid metric"),
         );
         Self {
             registry,
@@ -120,16 +141,18 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, stream: &str, status: u16, seconds: f64) {
-        let outcome = match status {
+    pub fn request(&self, stream: &str, status: axum::http::StatusCode, seconds: f64) {
+        let outcome = match status.as_u16() {
             200..=299 => "accepted",
             503 => "unavailable",
             _ => "rejected",
         };
         self.requests
-            .with_label_values(&[stream, itoa_status(status)])
+            .with_label_values(&[stream, status.as_str()])
             .inc();
-        self.request_duration.with_label_values(&[outcome]).observe(seconds);
+        self.request_duration
+            .with_label_values(&[outcome])
+            .observe(seconds);
     }
 
     pub fn published(&self, seconds: f64, payload_bytes: usize) {
@@ -138,7 +161,9 @@ impl Metrics {
     }
 
     pub fn auth_failure(&self, stream: &str, reason: &str) {
-        self.auth_failures.with_label_values(&[stream, reason]).inc();
+        self.auth_failures
+            .with_label_values(&[stream, reason])
+            .inc();
     }
 
     pub fn catalogue_reload(&self, outcome: &str) {
@@ -149,22 +174,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Status codes as static strings, so labelling a request allocates nothing.
-fn itoa_status(status: u16) -> &'static str {
-    match status {
-        202 => "202",
-        400 => "400",
-        401 => "401",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        413 => "413",
-        503 => "503",
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }

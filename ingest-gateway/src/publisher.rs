@@ -69,7 +69,10 @@ pub fn producer_config(
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", publish_timeout.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            publish_timeout.as_millis().to_string(),
+        )
         .set("queue.buffering.max.messages", queue_messages.to_string())
         .set("linger.ms", linger.as_millis().to_string())
         .set("compression.type", compression)
@@ -79,7 +82,11 @@ pub fn producer_config(
 }
 
 impl KafkaPublisher {
-    pub fn new(config: &ClientConfig, topic: String, publish_timeout: Duration) -> Result<Self, KafkaError> {
+    pub fn new(
+        config: &ClientConfig,
+        topic: String,
+        publish_timeout: Duration,
+    ) -> Result<Self, KafkaError> {
         let mut config = config.clone();
         // The guarantee depends on these; never let a pass-through property weaken them.
         config.set("enable.idempotence", "true").set("acks", "all");
@@ -124,7 +131,11 @@ impl Publish for KafkaPublisher {
             .map_err(|e| format!("broker metadata: {e}"))?;
         match metadata.topics().first() {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
-            Some(t) => Err(format!("topic {} not available: {:?}", self.topic, t.error())),
+            Some(t) => Err(format!(
+                "topic {} not available: {:?}",
+                self.topic,
+                t.error()
+            )),
             None => Err(format!("topic {} not in metadata", self.topic)),
         }
     }

@@ -1,1 +1,388 @@
-//! Helpers for the integration tests: start the binaries, talk to the broker and emulator.
+//! Helpers for the integration tests: the servers `scripts/test` started (broker, BigQuery
+//! emulator), the pipeline's real binaries started as child processes on free ports, and
+//! polling with deadlines instead of sleeps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, Read, Seek};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+
+/// The servers started by `scripts/test`.
+#[derive(Clone, Debug)]
+pub struct Servers {
+    pub brokers: String,
+    /// Emulator REST base, e.g. `http://127.0.0.1:19050`.
+    pub bq_rest: String,
+    pub project: String,
+}
+
+impl Servers {
+    pub fn from_env() -> Self {
+        let get = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the integration tests through scripts/test, which starts the broker and the BigQuery emulator")
+            })
+        };
+        Self {
+            brokers: get("HOOKPIPE_TEST_BROKERS"),
+            bq_rest: get("HOOKPIPE_TEST_BQ_REST"),
+            project: "local-project".into(),
+        }
+    }
+
+    pub fn bq_endpoint(&self) -> String {
+        format!("{}/bigquery/v2", self.bq_rest)
+    }
+}
+
+/// A name no other test uses: `prefix_<8 hex>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn create_topic(servers: &Servers, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &servers.brokers)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap_or_else(|(topic, e)| panic!("creating topic {topic}: {e}"));
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed when dropped; its output goes to a log file whose tail is
+/// printed if the test fails.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; the binaries one level up.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+impl Proc {
+    pub fn spawn(name: &str, binary_name: &str, args: &[String], env: &[(String, String)]) -> Self {
+        let dir = repo_root().join("target").join("test-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{}.log", unique(name)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary(binary_name))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("HOOKPIPE_LOG", "info,rdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGKILL: the process gets no chance to flush or commit.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("process already stopped");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
+            if let Ok(mut f) = std::fs::File::open(&self.log) {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(4000)));
+                for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub proc: Proc,
+    pub url: String,
+    pub admin: String,
+}
+
+/// A running sink.
+pub struct Sink {
+    pub proc: Proc,
+    pub admin: String,
+}
+
+/// What a test's pipeline uses: its own topic, dead-letter topic and consumer group.
+#[derive(Clone, Debug)]
+pub struct Wiring {
+    pub servers: Servers,
+    pub catalogue: PathBuf,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+}
+
+impl Wiring {
+    /// Fresh topics (main with `partitions`, dead-letter with 1) and group for one test.
+    pub async fn new(catalogue: PathBuf, partitions: i32) -> Self {
+        let servers = Servers::from_env();
+        let topic = unique("webhooks");
+        let dlq_topic = format!("{topic}-dlq");
+        create_topic(&servers, &topic, partitions).await;
+        create_topic(&servers, &dlq_topic, 1).await;
+        Self {
+            servers,
+            catalogue,
+            topic,
+            dlq_topic,
+            group: unique("bq-sink"),
+        }
+    }
+
+    fn common_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "HOOKPIPE_CATALOGUE".into(),
+                self.catalogue.display().to_string(),
+            ),
+            (
+                "HOOKPIPE_KAFKA_BROKERS".into(),
+                self.servers.brokers.clone(),
+            ),
+            ("HOOKPIPE_TOPIC".into(), self.topic.clone()),
+            ("HOOKPIPE_CATALOGUE_RELOAD_INTERVAL".into(), "200ms".into()),
+        ]
+    }
+
+    pub async fn gateway(&self, extra: &[(&str, &str)]) -> Gateway {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut env = self.common_env();
+        env.push(("HOOKPIPE_LISTEN".into(), format!("127.0.0.1:{port}")));
+        env.push((
+            "HOOKPIPE_ADMIN_LISTEN".into(),
+            format!("127.0.0.1:{admin_port}"),
+        ));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let gateway = Gateway {
+            proc: Proc::spawn("gateway", "ingest-gateway", &[], &env),
+            url: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        };
+        wait_ready(&gateway.admin, "gateway").await;
+        gateway
+    }
+
+    pub async fn sink(&self, extra: &[(&str, &str)]) -> Sink {
+        let admin_port = free_port();
+        let mut env = self.common_env();
+        env.push((
+            "HOOKPIPE_ADMIN_LISTEN".into(),
+            format!("127.0.0.1:{admin_port}"),
+        ));
+        env.push(("HOOKPIPE_GROUP_ID".into(), self.group.clone()));
+        env.push(("HOOKPIPE_DLQ_TOPIC".into(), self.dlq_topic.clone()));
+        env.push(("HOOKPIPE_BIGQUERY_AUTH".into(), "none".into()));
+        env.push((
+            "HOOKPIPE_BIGQUERY_ENDPOINT".into(),
+            self.servers.bq_endpoint(),
+        ));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let sink = Sink {
+            proc: Proc::spawn("sink", "bq-sink", &[], &env),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        };
+        wait_ready(&sink.admin, "sink").await;
+        sink
+    }
+}
+
+pub async fn wait_ready(admin: &str, what: &str) {
+    let url = format!("{admin}/readyz");
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(30), &format!("{what} /readyz"), || {
+        let request = client.get(&url).send();
+        async move {
+            request
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
+/// A value from a query result: `None` for NULL.
+pub type Cell = Option<String>;
+
+/// Runs SQL on the emulator and returns rows of cells. Errors (table not found yet, ...) are
+/// returned as `Err` so callers can poll.
+pub async fn query(servers: &Servers, sql: &str) -> Result<Vec<Vec<Cell>>, String> {
+    let response: serde_json::Value = reqwest::Client::new()
+        .post(format!(
+            "{}/bigquery/v2/projects/{}/queries",
+            servers.bq_rest, servers.project
+        ))
+        .json(&serde_json::json!({ "query": sql, "useLegacySql": false }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(errors) = response
+        .get("errors")
+        .and_then(|e| e.as_array())
+        .filter(|e| !e.is_empty())
+    {
+        return Err(format!("{errors:?}"));
+    }
+    let rows = response["rows"].as_array().cloned().unwrap_or_default();
+    Ok(rows
+        .iter()
+        .map(|row| {
+            row["f"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["v"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .collect())
+}
+
+/// Reads a metric's value (sum over all label sets matching `labels`) from a `/metrics` page.
+pub async fn metric(admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (metric_name, label_part) = key.split_once('{').unwrap_or((key, ""));
+            (metric_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
