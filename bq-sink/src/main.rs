@@ -97,12 +97,21 @@ async fn main() -> anyhow::Result<()> {
             move |outcome| metrics.catalogue_reload(outcome.as_str()),
         )
     });
-    tokio::spawn(readiness_loop(
-        consumer.clone(),
-        config.kafka.topic.clone(),
-        ready.clone(),
-        cancel.clone(),
-    ));
+    tokio::spawn({
+        let (consumer, topic) = (consumer.clone(), config.kafka.topic.clone());
+        admin::readiness_loop(
+            move || {
+                hookpipe_common::kafka::check_topic(
+                    consumer.client(),
+                    &topic,
+                    Duration::from_secs(2),
+                )
+            },
+            || {},
+            ready.clone(),
+            cancel.clone(),
+        )
+    });
 
     let limits = Limits {
         max_rows: config.batch_max_rows,
@@ -135,49 +144,4 @@ async fn main() -> anyhow::Result<()> {
     admin_task.await??;
     tracing::info!("bq-sink stopped");
     Ok(())
-}
-
-/// `/readyz` is true while the broker answers for the topic.
-async fn readiness_loop(
-    consumer: Arc<SinkConsumer>,
-    topic: String,
-    ready: Readiness,
-    cancel: CancellationToken,
-) {
-    let mut was_ready = false;
-    while !cancel.is_cancelled() {
-        let check = tokio::task::spawn_blocking({
-            let (consumer, topic) = (consumer.clone(), topic.clone());
-            move || {
-                consumer
-                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                    .map_err(|e| e.to_string())
-                    .and_then(|m| match m.topics().first() {
-                        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
-                        _ => Err(format!("topic {topic} not available")),
-                    })
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        let now_ready = check.is_ok() && !cancel.is_cancelled();
-        if now_ready != was_ready {
-            match &check {
-                Ok(()) => tracing::info!("broker reachable, ready"),
-                Err(error) => tracing::warn!(%error, "broker not reachable, not ready"),
-            }
-        }
-        ready.set(now_ready);
-        was_ready = now_ready;
-        let pause = if now_ready {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_millis(250)
-        };
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            () = tokio::time::sleep(pause) => {}
-        }
-    }
-    ready.set(false);
 }

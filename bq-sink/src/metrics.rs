@@ -1,6 +1,7 @@
 //! Every metric the sink exports, defined once. The `stream` label only takes ids from the
 //! catalogue; `table` labels are catalogue tables.
 
+use hookpipe_common::admin::register;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -23,14 +24,6 @@ pub struct Metrics {
     pub commits: IntCounterVec,
     catalogue_reloads: IntCounterVec,
     pub paused: IntGauge,
-}
-
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
-    #[allow(clippy::expect_used)] // fixed, distinct names
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric registered twice");
-    metric
 }
 
 impl Metrics {

@@ -80,3 +80,57 @@ pub async fn serve(
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
 }
+
+/// Registers a metric and returns it, for metric structs built once at start-up.
+pub fn register<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: T,
+) -> T {
+    // Names are fixed and distinct, so registration cannot fail at run time.
+    #[allow(clippy::expect_used)]
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered twice");
+    metric
+}
+
+/// Keeps `ready` equal to the outcome of `check` (a blocking call, such as a broker metadata
+/// request, run off the async runtime). Polls fast until the first success so a fresh pod
+/// becomes ready quickly, then every two seconds. `after_check` runs after each check, for
+/// gauges sampled at the same pace. Clears readiness when `cancel` fires.
+pub async fn readiness_loop<C, A>(
+    check: C,
+    after_check: A,
+    ready: Readiness,
+    cancel: CancellationToken,
+) where
+    C: Fn() -> Result<(), String> + Clone + Send + 'static,
+    A: Fn(),
+{
+    let mut was_ready = false;
+    while !cancel.is_cancelled() {
+        let outcome = tokio::task::spawn_blocking(check.clone())
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        after_check();
+        let now_ready = outcome.is_ok() && !cancel.is_cancelled();
+        if now_ready != was_ready {
+            match &outcome {
+                Ok(()) => tracing::info!("broker reachable, ready"),
+                Err(error) => tracing::warn!(%error, "broker not reachable, not ready"),
+            }
+        }
+        ready.set(now_ready);
+        was_ready = now_ready;
+        let pause = if now_ready {
+            std::time::Duration::from_secs(2)
+        } else {
+            std::time::Duration::from_millis(250)
+        };
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    ready.set(false);
+}

@@ -159,6 +159,22 @@ impl KafkaArgs {
     }
 }
 
+/// Checks that the broker answers and `topic` exists with partitions. Blocking.
+pub fn check_topic<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("broker metadata: {e}"))?;
+    match metadata.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+        Some(t) => Err(format!("topic {topic} not available: {:?}", t.error())),
+        None => Err(format!("topic {topic} not in metadata")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,12 +89,20 @@ async fn main() -> anyhow::Result<()> {
         )
     });
 
-    tokio::spawn(readiness_loop(
-        publisher.clone(),
-        metrics.clone(),
-        ready.clone(),
-        cancel.clone(),
-    ));
+    tokio::spawn({
+        let (check_publisher, gauge_publisher, metrics) =
+            (publisher.clone(), publisher.clone(), metrics.clone());
+        admin::readiness_loop(
+            move || check_publisher.check_ready(Duration::from_secs(2)),
+            move || {
+                metrics
+                    .producer_queue
+                    .set(gauge_publisher.queue_len() as i64)
+            },
+            ready.clone(),
+            cancel.clone(),
+        )
+    });
 
     let state = Arc::new(AppState {
         streams,
@@ -140,43 +148,4 @@ async fn main() -> anyhow::Result<()> {
     admin_task.await??;
     tracing::info!("ingest-gateway stopped");
     serve_result
-}
-
-/// Keeps `/readyz` true only while the broker answers and the topic exists. Polls fast until
-/// the first success so a fresh pod becomes ready quickly.
-async fn readiness_loop(
-    publisher: Arc<KafkaPublisher>,
-    metrics: Arc<Metrics>,
-    ready: Readiness,
-    cancel: CancellationToken,
-) {
-    let mut was_ready = false;
-    while !cancel.is_cancelled() {
-        let check = tokio::task::spawn_blocking({
-            let publisher = publisher.clone();
-            move || publisher.check_ready(Duration::from_secs(2))
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        metrics.producer_queue.set(publisher.queue_len() as i64);
-        let now_ready = check.is_ok() && !cancel.is_cancelled();
-        if now_ready != was_ready {
-            match &check {
-                Ok(()) => tracing::info!("broker reachable, ready"),
-                Err(error) => tracing::warn!(%error, "broker not reachable, not ready"),
-            }
-        }
-        ready.set(now_ready);
-        was_ready = now_ready;
-        let pause = if now_ready {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_millis(250)
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
-        }
-    }
-    ready.set(false);
 }

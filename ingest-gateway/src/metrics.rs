@@ -1,6 +1,7 @@
 //! Every metric the gateway exports, defined once. Label values come from closed sets: the
 //! `stream` label is a catalogue stream id or `unknown`, never a raw path.
 
+use hookpipe_common::admin::register;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
@@ -18,15 +19,6 @@ pub struct Metrics {
 
 /// Label value for requests whose stream id is not in the catalogue.
 pub const UNKNOWN_STREAM: &str = "unknown";
-
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
-    // Names are fixed and distinct, so registration cannot fail at run time.
-    #[allow(clippy::expect_used)]
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric registered twice");
-    metric
-}
 
 impl Metrics {
     #[allow(clippy::expect_used)] // fixed, valid metric definitions

@@ -124,20 +124,7 @@ impl Publish for KafkaPublisher {
     }
 
     fn check_ready(&self, timeout: Duration) -> Result<(), String> {
-        let metadata = self
-            .producer
-            .client()
-            .fetch_metadata(Some(&self.topic), timeout)
-            .map_err(|e| format!("broker metadata: {e}"))?;
-        match metadata.topics().first() {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
-            Some(t) => Err(format!(
-                "topic {} not available: {:?}",
-                self.topic,
-                t.error()
-            )),
-            None => Err(format!("topic {} not in metadata", self.topic)),
-        }
+        hookpipe_common::kafka::check_topic(self.producer.client(), &self.topic, timeout)
     }
 
     fn flush(&self, timeout: Duration) -> Result<(), String> {
