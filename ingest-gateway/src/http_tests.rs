@@ -345,3 +345,117 @@ async fn metrics_count_requests_by_stream_and_status() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_body_that_never_finishes_is_408() {
+    let rec = Arc::new(Recorder::default());
+    let mut st = state(rec.clone(), 10);
+    Arc::get_mut(&mut st).unwrap().limits.body_timeout = Duration::from_millis(100);
+    struct Stalled(bool);
+    impl futures_core::Stream for Stalled {
+        type Item = Result<bytes::Bytes, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            if self.0 {
+                std::task::Poll::Pending
+            } else {
+                self.0 = true;
+                std::task::Poll::Ready(Some(Ok(bytes::Bytes::from_static(b"orderId="))))
+            }
+        }
+    }
+    let (status, headers, json) = call(
+        st,
+        post(&format!("/ds/{STREAM}"), Body::from_stream(Stalled(false))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(json["error"], "request body not received in time");
+    assert_eq!(headers["connection"], "close");
+    assert!(rec.sent.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn hmac_stream_checks_the_signature_through_the_router() {
+    use hmac::Mac;
+    let rec = Arc::new(Recorder::default());
+    let key_file =
+        std::env::temp_dir().join(format!("hookpipe-gw-test-hmac-{}", std::process::id()));
+    std::fs::write(&key_file, "hmac-key").unwrap();
+    let stream = "3a6f7c1e-1d2b-4c3d-9e8f-7a6b5c4d3e2f";
+    let yaml = format!(
+        "streams:\n  - id: {stream}\n    table: p.d.t\n    timezone: UTC\n    auth:\n      type: hmac-sha256\n      timestamp_header: X-Timestamp\n      secrets: [{{file: {}}}]\n",
+        key_file.display()
+    );
+    let mut st = state(rec.clone(), 10);
+    Arc::get_mut(&mut st).unwrap().streams = Arc::new(Shared::new(
+        GatewayStreams::build(Catalogue::from_yaml(&yaml).unwrap()).unwrap(),
+    ));
+    let body = "orderId=N1&status=delivered";
+    let sign = |ts: i64, key: &str| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+        mac.update(format!("{ts}.{body}").as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let request = |ts: i64, sig: String| {
+        Request::post(format!("/ds/{stream}"))
+            .header("x-timestamp", ts.to_string())
+            .header("x-signature", sig)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let now = hookpipe_common::now_ms() / 1000;
+    let (status, _, _) = call(st.clone(), request(now, sign(now, "hmac-key"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _, json) = call(st.clone(), request(now, sign(now, "other-key"))).await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid signature"))
+    );
+    let old = now - 3600;
+    let (status, _, json) = call(st.clone(), request(old, sign(old, "hmac-key"))).await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (
+            StatusCode::UNAUTHORIZED,
+            Some("signature timestamp outside tolerance")
+        )
+    );
+    assert_eq!(rec.sent.lock().unwrap().len(), 1);
+    let text = {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &st.metrics.registry.gather(),
+            &mut out,
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    assert!(text.contains(&format!("ingest_gateway_auth_failures_total{{reason=\"invalid_signature\",stream=\"{stream}\"}} 1")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ingest_gateway_auth_failures_total{{reason=\"stale_timestamp\",stream=\"{stream}\"}} 1"
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_catalogue_naming_an_unreadable_secret_is_refused() {
+    let yaml = format!(
+        "streams:\n  - id: {STREAM}\n    table: p.d.t\n    timezone: UTC\n    auth:\n      type: bearer\n      secrets: [{{env: HOOKPIPE_TEST_SURELY_UNSET_VARIABLE}}]\n"
+    );
+    let error = GatewayStreams::build(Catalogue::from_yaml(&yaml).unwrap()).unwrap_err();
+    assert!(
+        error.contains("HOOKPIPE_TEST_SURELY_UNSET_VARIABLE is not set"),
+        "{error}"
+    );
+    assert!(error.contains(STREAM), "{error}");
+}

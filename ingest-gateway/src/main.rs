@@ -36,7 +36,6 @@ async fn main() -> anyhow::Result<()> {
 
     let mut kafka_config = producer_config(
         config.kafka.client_config(),
-        config.publish_timeout,
         config.producer_queue_messages,
         config.producer_linger,
         &config.producer_compression,

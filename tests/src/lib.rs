@@ -238,7 +238,11 @@ pub struct Wiring {
 impl Wiring {
     /// Fresh topics (main with `partitions`, dead-letter with 1) and group for one test.
     pub async fn new(catalogue: PathBuf, partitions: i32) -> Self {
-        let servers = Servers::from_env();
+        Self::on(Servers::from_env(), catalogue, partitions).await
+    }
+
+    /// The same on other servers (a test's private broker).
+    pub async fn on(servers: Servers, catalogue: PathBuf, partitions: i32) -> Self {
         let topic = unique("webhooks");
         let dlq_topic = format!("{topic}-dlq");
         create_topic(&servers, &topic, partitions).await;
@@ -385,4 +389,176 @@ pub async fn metric(admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             .flatten()
         })
         .sum()
+}
+
+/// Reads `count` records from the start of `topic` with a fresh consumer group, decoding each
+/// value as an envelope; panics if fewer arrive within `timeout`.
+pub async fn consume_envelopes(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<(Vec<u8>, hookpipe_proto::Envelope)> {
+    read_topic(
+        brokers,
+        topic,
+        timeout,
+        &format!("{count} records"),
+        |records| records.len() >= count,
+    )
+    .await
+}
+
+/// Reads `topic` from the start until every hit in `hit_ids` has been seen; returns all records
+/// read. The topic may hold more (a 503 answer does not prove a message never arrived).
+pub async fn consume_until_seen(
+    brokers: &str,
+    topic: &str,
+    hit_ids: &std::collections::HashSet<String>,
+    timeout: Duration,
+) -> Vec<(Vec<u8>, hookpipe_proto::Envelope)> {
+    let mut seen = std::collections::HashSet::new();
+    read_topic(
+        brokers,
+        topic,
+        timeout,
+        &format!("{} given hits", hit_ids.len()),
+        |records| {
+            if let Some((_, e)) = records.last()
+                && hit_ids.contains(&e.hit_id)
+            {
+                seen.insert(e.hit_id.clone());
+            }
+            seen.len() == hit_ids.len()
+        },
+    )
+    .await
+}
+
+async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut(&[(Vec<u8>, hookpipe_proto::Envelope)]) -> bool,
+) -> Vec<(Vec<u8>, hookpipe_proto::Envelope)> {
+    use hookpipe_proto::Message as _;
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    if done(&out) {
+        return out;
+    }
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{what} did not arrive on {topic} within {timeout:?} ({} records read)",
+            out.len()
+        );
+        if let Ok(Ok(message)) = tokio::time::timeout(left, consumer.recv()).await {
+            let envelope = hookpipe_proto::Envelope::decode(message.payload().unwrap_or(&[]))
+                .expect("an envelope");
+            out.push((message.key().unwrap_or(&[]).to_vec(), envelope));
+            if done(&out) {
+                return out;
+            }
+        }
+    }
+}
+
+/// A tansu broker of the test's own, which the test may stop and start again (same port,
+/// same storage) without disturbing other tests.
+pub struct PrivateBroker {
+    pub port: u16,
+    dir: PathBuf,
+    runs: u32,
+    proc: Option<Proc>,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("hookpipe-broker"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut broker = Self {
+            port: free_port(),
+            dir,
+            runs: 0,
+            proc: None,
+        };
+        broker.resume().await;
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (SIGKILL, like a crashed node).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts it again on the same port with the same storage.
+    pub async fn resume(&mut self) {
+        let tansu = std::env::var("HOOKPIPE_TEST_TANSU")
+            .expect("HOOKPIPE_TEST_TANSU: run through scripts/test");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let dir = self.dir.clone();
+        self.runs += 1;
+        let log = dir.join(format!("broker.{}.log", self.runs));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(tansu)
+            .current_dir(&dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc {
+            name: format!("private broker, run {}", self.runs),
+            child: Some(child),
+            log,
+        });
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(
+            Duration::from_secs(20),
+            "the private broker to listen",
+            || {
+                let addr = addr.clone();
+                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        // Dropping the Proc prints its log tail when the test failed.
+        self.stop();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
