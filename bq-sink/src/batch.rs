@@ -18,6 +18,8 @@ pub struct Item {
     pub offset: i64,
     /// The original record value, kept so a row BigQuery rejects can be dead-lettered whole.
     pub original: Vec<u8>,
+    /// In the range after an assignment that a previous owner may already have written.
+    pub suspect: bool,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +96,23 @@ impl Batches {
         Some(batch)
     }
 
+    /// Whether a table's batch is full or old enough to flush.
+    pub fn is_due(&self, table: &TableRef, limits: &Limits, now: Instant) -> Option<Trigger> {
+        let batch = self.tables.get(table)?;
+        if batch.items.len() >= limits.max_rows {
+            Some(Trigger::Rows)
+        } else if batch.bytes >= limits.max_bytes {
+            Some(Trigger::Bytes)
+        } else if batch
+            .started
+            .is_some_and(|s| now.duration_since(s) >= limits.max_age)
+        {
+            Some(Trigger::Age)
+        } else {
+            None
+        }
+    }
+
     /// Tables whose oldest row is older than the age limit.
     pub fn due(&self, limits: &Limits, now: Instant) -> Vec<TableRef> {
         self.tables
@@ -106,11 +125,16 @@ impl Batches {
             .collect()
     }
 
-    /// When the next batch becomes due by age.
-    pub fn next_deadline(&self, limits: &Limits) -> Option<Instant> {
+    /// When the next batch of a table not in `busy` becomes due by age.
+    pub fn next_deadline(
+        &self,
+        limits: &Limits,
+        busy: &std::collections::HashSet<TableRef>,
+    ) -> Option<Instant> {
         self.tables
-            .values()
-            .filter_map(|b| b.started)
+            .iter()
+            .filter(|(t, _)| !busy.contains(*t))
+            .filter_map(|(_, b)| b.started)
             .min()
             .map(|s| s + limits.max_age)
     }
@@ -161,6 +185,7 @@ mod tests {
             partition: 0,
             offset,
             original: vec![],
+            suspect: false,
         }
     }
 
@@ -210,7 +235,20 @@ mod tests {
             &LIMITS,
             t0 + Duration::from_millis(900),
         );
-        assert_eq!(b.next_deadline(&LIMITS), Some(t0 + Duration::from_secs(1)));
+        let none = std::collections::HashSet::new();
+        assert_eq!(
+            b.next_deadline(&LIMITS, &none),
+            Some(t0 + Duration::from_secs(1))
+        );
+        assert_eq!(
+            b.next_deadline(&LIMITS, &[table("a")].into()),
+            None,
+            "a busy table waits"
+        );
+        assert_eq!(
+            b.is_due(&table("a"), &LIMITS, t0 + Duration::from_secs(1)),
+            Some(Trigger::Age)
+        );
         assert!(b.due(&LIMITS, t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(b.due(&LIMITS, t0 + Duration::from_secs(1)), [table("a")]);
     }

@@ -2,8 +2,11 @@
 //! and insert rows with `insertAll` (hit_id as insertId). Every failure is classified here as
 //! transient (retry, never skip) or permanent for specific rows (dead-letter them).
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+
+use chrono::NaiveDate;
 
 use async_trait::async_trait;
 use gcp_bigquery_client::Client;
@@ -12,6 +15,7 @@ use gcp_bigquery_client::client_builder::ClientBuilder;
 use gcp_bigquery_client::error::BQError;
 use gcp_bigquery_client::model::dataset::Dataset;
 use gcp_bigquery_client::model::field_type::FieldType;
+use gcp_bigquery_client::model::query_request::QueryRequest;
 use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequest;
 use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
@@ -62,6 +66,35 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError>;
     /// Inserts rows; `Ok` means all of them are stored.
     async fn insert(&self, table: &TableRef, rows: &[Row]) -> Result<(), WriteError>;
+    /// Which of `hit_ids` (rows of the given `dates`) the table already holds.
+    async fn existing_hit_ids(
+        &self,
+        table: &TableRef,
+        dates: &BTreeSet<NaiveDate>,
+        hit_ids: &[&str],
+    ) -> Result<HashSet<String>, WriteError>;
+}
+
+/// The lookup for suspect rows: only their date partitions are read. Values are inlined:
+/// hit_ids are UUIDs and dates are dates, both checked before they get here, and table names
+/// were validated by the catalogue.
+pub fn existing_hit_ids_sql(
+    table: &TableRef,
+    dates: &BTreeSet<NaiveDate>,
+    hit_ids: &[&str],
+) -> String {
+    let dates = dates
+        .iter()
+        .map(|d| format!("DATE '{d}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ids = hit_ids
+        .iter()
+        .filter(|id| uuid::Uuid::try_parse(id).is_ok())
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT DISTINCT hit_id FROM `{table}` WHERE date IN ({dates}) AND hit_id IN ({ids})")
 }
 
 /// The columns of every stream table, exactly as DESIGN.md fixes them.
@@ -281,11 +314,67 @@ impl Warehouse for BigQuery {
             Err(WriteError::RowsRejected(rejected))
         }
     }
+
+    async fn existing_hit_ids(
+        &self,
+        table: &TableRef,
+        dates: &BTreeSet<NaiveDate>,
+        hit_ids: &[&str],
+    ) -> Result<HashSet<String>, WriteError> {
+        if hit_ids.is_empty() || dates.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut request = QueryRequest::new(existing_hit_ids_sql(table, dates, hit_ids));
+        request.use_legacy_sql = false;
+        request.timeout_ms = Some(30_000);
+        request.location = self.location.clone();
+        let response = self
+            .client
+            .job()
+            .query(&table.project, request)
+            .await
+            .map_err(classify)?;
+        if let Some(error) = response.errors.as_ref().and_then(|e| e.first()) {
+            return Err(WriteError::Transient(format!(
+                "dedup lookup: {}",
+                error.message.as_deref().unwrap_or("query failed")
+            )));
+        }
+        if response.job_complete != Some(true) {
+            return Err(WriteError::Transient(
+                "dedup lookup did not complete in time".into(),
+            ));
+        }
+        Ok(response
+            .rows
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|row| {
+                let cell = row.columns?.into_iter().next()?.value?;
+                cell.as_str().map(str::to_owned)
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suspect_lookup_reads_only_their_partitions() {
+        let table: TableRef = "p.d.t".parse().unwrap();
+        let dates = BTreeSet::from([NaiveDate::from_ymd_opt(2020, 10, 19).unwrap()]);
+        let sql = existing_hit_ids_sql(
+            &table,
+            &dates,
+            &["83cc2a6a-4829-4410-bab4-95b680c5b8d7", "x' OR '1'='1"],
+        );
+        assert_eq!(
+            sql,
+            "SELECT DISTINCT hit_id FROM `p.d.t` WHERE date IN (DATE '2020-10-19') AND hit_id IN ('83cc2a6a-4829-4410-bab4-95b680c5b8d7')"
+        );
+    }
 
     #[test]
     fn our_schema_passes_its_own_check() {

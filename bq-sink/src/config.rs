@@ -53,6 +53,22 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_BATCH_MAX_AGE", default_value = "1s", value_parser = parse_duration)]
     pub batch_max_age: Duration,
 
+    /// Records consumed but not yet written above which the sink stops reading until writes
+    /// catch up (memory bound).
+    #[arg(long, env = "HOOKPIPE_MAX_BUFFERED_ROWS", default_value_t = 20_000)]
+    pub max_buffered_rows: usize,
+
+    /// Dedup window W: a partition never runs more than W/2 records ahead of its last
+    /// confirmed commit, and after an assignment the first W records are looked up in the
+    /// table before writing (rows a previous owner wrote but did not commit are skipped).
+    #[arg(long, env = "HOOKPIPE_DEDUP_WINDOW", default_value_t = 10_000)]
+    pub dedup_window: usize,
+
+    /// How many recently written hit_ids each sink remembers, to drop senders' retries (same
+    /// Idempotency-Key) that arrive later; 16 bytes each.
+    #[arg(long, env = "HOOKPIPE_DEDUP_MEMORY", default_value_t = 1_000_000)]
+    pub dedup_memory: usize,
+
     /// First pause before retrying a failed BigQuery write; doubles up to the maximum, with
     /// jitter.
     #[arg(long, env = "HOOKPIPE_RETRY_INITIAL", default_value = "200ms", value_parser = parse_duration)]
@@ -115,6 +131,14 @@ impl Config {
         }
         if self.batch_max_bytes < 1024 || self.batch_max_bytes > 9 * 1024 * 1024 {
             return Err("HOOKPIPE_BATCH_MAX_BYTES must be between 1 KiB and 9 MiB (insertAll takes at most 10 MB)".into());
+        }
+        if self.dedup_window < 2 * self.batch_max_rows {
+            return Err("HOOKPIPE_DEDUP_WINDOW must be at least twice HOOKPIPE_BATCH_MAX_ROWS, or partitions would pause before a batch fills".into());
+        }
+        if self.max_buffered_rows < self.batch_max_rows {
+            return Err(
+                "HOOKPIPE_MAX_BUFFERED_ROWS must be at least HOOKPIPE_BATCH_MAX_ROWS".into(),
+            );
         }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return Err(

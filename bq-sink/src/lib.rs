@@ -5,6 +5,7 @@ pub mod batch;
 pub mod bigquery;
 pub mod config;
 pub mod deadletter;
+pub mod dedup;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;

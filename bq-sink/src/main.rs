@@ -10,6 +10,7 @@ use bq_sink::batch::Limits;
 use bq_sink::bigquery::BigQuery;
 use bq_sink::config::Config;
 use bq_sink::deadletter::DeadLetters;
+use bq_sink::dedup::RecentHits;
 use bq_sink::metrics::Metrics;
 use bq_sink::offsets::OffsetTracker;
 use bq_sink::pipeline::{Backoff, Pipeline, SinkConsumer, SinkContext, Writer};
@@ -46,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
             .context("creating the dead-letter producer")?,
     );
 
-    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new(config.dedup_window)));
     let mut consumer_config = base;
     consumer_config
         .set("group.id", &config.group_id)
@@ -65,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
             tracker: tracker.clone(),
             metrics: metrics.clone(),
             topic: config.kafka.topic.clone(),
+            revoke_wait: config.drain_timeout,
         })
         .context("creating the Kafka consumer")?;
     consumer
@@ -120,8 +122,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let pipeline = Pipeline {
         consumer,
-        tracker,
         writer: Arc::new(Writer {
+            tracker,
+            recent: Mutex::new(RecentHits::new(config.dedup_memory)),
             warehouse,
             dead_letters: dead_letters.clone(),
             metrics,
@@ -134,7 +137,8 @@ async fn main() -> anyhow::Result<()> {
             ready_tables: Mutex::new(HashSet::new()),
         }),
         catalogue,
-        max_buffered: config.batch_max_rows.saturating_mul(20).max(10_000),
+        max_buffered: config.max_buffered_rows,
+        window: config.dedup_window,
         drain_timeout: config.drain_timeout,
     };
     pipeline.run(cancel.clone()).await;

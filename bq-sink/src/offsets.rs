@@ -1,7 +1,14 @@
-//! Which offsets of each partition are safe to commit. A record is "done" once its row is in
-//! BigQuery or its dead letter is on the dead-letter topic; the committable offset of a
+//! Which offsets of each partition are safe to commit, and how far a partition has run ahead
+//! of its last confirmed commit. A record is "done" once its row is in BigQuery (or skipped as
+//! a duplicate) or its dead letter is on the dead-letter topic. The committable offset of a
 //! partition is the first offset not yet done, so a commit never passes an unwritten row even
 //! when tables flush out of order. Pure: no Kafka here.
+//!
+//! The *span* of a partition (next offset to read minus last confirmed commit) bounds how many
+//! of its records can be written but not committed. The pipeline pauses a partition whose span
+//! reaches half the dedup window, so after any crash or rebalance the rows already written
+//! beyond the committed offset all lie within `window` records of it: the *suspect* range
+//! whose hit_ids the next owner looks up before writing.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -9,18 +16,33 @@ use std::collections::{BTreeSet, HashMap};
 struct PartitionState {
     /// Offsets consumed and not yet done.
     pending: BTreeSet<i64>,
+    /// Offsets handed to a flush task (a subset of `pending`).
+    writing: BTreeSet<i64>,
     /// One past the highest offset consumed.
     next: Option<i64>,
-    /// The last offset committed (or found committed at assignment).
+    /// The last offset the broker confirmed as committed (or where reading started).
     committed: Option<i64>,
+    /// The last offset a commit was requested for.
+    requested: Option<i64>,
+    /// Offsets below this are suspect: possibly written by a previous owner.
+    suspect_until: Option<i64>,
 }
 
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     partitions: HashMap<i32, PartitionState>,
+    /// Size of the suspect range after an assignment.
+    window: i64,
 }
 
 impl OffsetTracker {
+    pub fn new(window: usize) -> Self {
+        Self {
+            partitions: HashMap::new(),
+            window: i64::try_from(window).unwrap_or(i64::MAX),
+        }
+    }
+
     /// Starts tracking a newly assigned partition.
     pub fn assign(&mut self, partition: i32) {
         self.partitions.entry(partition).or_default();
@@ -36,40 +58,89 @@ impl OffsetTracker {
         self.partitions.contains_key(&partition)
     }
 
-    /// Records that `offset` was consumed and is now in flight.
-    pub fn consumed(&mut self, partition: i32, offset: i64) {
+    /// Records that `offset` was consumed. Returns whether the record is suspect (within the
+    /// window after where this consumer started reading the partition).
+    pub fn consumed(&mut self, partition: i32, offset: i64) -> bool {
+        let window = self.window;
         let state = self.partitions.entry(partition).or_default();
+        if state.committed.is_none() {
+            // Reading resumes at the committed offset: the first record seen marks it.
+            state.committed = Some(offset);
+            state.requested = Some(offset);
+            state.suspect_until = Some(offset.saturating_add(window));
+        }
         state.pending.insert(offset);
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        state.suspect_until.is_some_and(|end| offset < end)
+    }
+
+    /// Records that these offsets were handed to a flush task.
+    pub fn writing(&mut self, partition: i32, offset: i64) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.writing.insert(offset);
+        }
     }
 
     /// Records that `offset` is durably handled.
     pub fn done(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.pending.remove(&offset);
+            state.writing.remove(&offset);
         }
     }
 
-    /// Offsets to commit now: for each partition whose safe point moved, the first offset not
-    /// yet done (Kafka's "next offset to read" convention).
-    pub fn to_commit(&self) -> Vec<(i32, i64)> {
+    /// Whether any record of `partition` is being written by a flush task right now.
+    pub fn is_writing(&self, partition: i32) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|s| !s.writing.is_empty())
+    }
+
+    /// Offsets to commit now: for each partition whose safe point moved past the last request,
+    /// the first offset not yet done (Kafka's "next offset to read" convention).
+    pub fn to_commit(&mut self) -> Vec<(i32, i64)> {
+        self.to_commit_for(|_| true)
+    }
+
+    /// `to_commit` for the partitions `which` selects.
+    pub fn to_commit_for(&mut self, which: impl Fn(i32) -> bool) -> Vec<(i32, i64)> {
         let mut out: Vec<(i32, i64)> = self
             .partitions
-            .iter()
+            .iter_mut()
+            .filter(|(p, _)| which(**p))
             .filter_map(|(p, s)| {
                 let safe = s.pending.first().copied().or(s.next)?;
-                (s.committed != Some(safe)).then_some((*p, safe))
+                if s.requested == Some(safe) {
+                    return None;
+                }
+                s.requested = Some(safe);
+                Some((*p, safe))
             })
             .collect();
         out.sort_unstable();
         out
     }
 
-    /// Records a successful commit.
+    /// Records the broker's confirmation of a commit.
     pub fn committed(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
-            state.committed = Some(offset);
+            state.committed = Some(state.committed.map_or(offset, |c| c.max(offset)));
         }
+    }
+
+    /// A commit failed: ask again at the next opportunity.
+    pub fn commit_failed(&mut self, partition: i32) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.requested = state.committed;
+        }
+    }
+
+    /// Records read past the last confirmed commit.
+    pub fn span(&self, partition: i32) -> i64 {
+        self.partitions
+            .get(&partition)
+            .and_then(|s| Some(s.next? - s.committed?))
+            .unwrap_or(0)
     }
 
     /// Records in flight, across partitions.
@@ -77,8 +148,10 @@ impl OffsetTracker {
         self.partitions.values().map(|s| s.pending.len()).sum()
     }
 
-    pub fn partitions(&self) -> impl Iterator<Item = i32> + '_ {
-        self.partitions.keys().copied()
+    pub fn partitions(&self) -> Vec<i32> {
+        let mut p: Vec<i32> = self.partitions.keys().copied().collect();
+        p.sort_unstable();
+        p
     }
 }
 
@@ -88,14 +161,15 @@ mod tests {
 
     #[test]
     fn commits_only_the_contiguous_done_prefix() {
-        let mut t = OffsetTracker::default();
+        let mut t = OffsetTracker::new(100);
         t.assign(0);
         for o in 10..15 {
             t.consumed(0, o);
         }
-        assert_eq!(t.to_commit(), [(0, 10)]);
-        t.committed(0, 10);
-        assert!(t.to_commit().is_empty());
+        assert!(
+            t.to_commit().is_empty(),
+            "nothing done yet, 10 is where reading started"
+        );
         // 12 and 13 are written (another table flushed first), 10 and 11 not yet.
         t.done(0, 12);
         t.done(0, 13);
@@ -105,6 +179,7 @@ mod tests {
         );
         t.done(0, 10);
         assert_eq!(t.to_commit(), [(0, 11)]);
+        assert!(t.to_commit().is_empty(), "asked once");
         t.done(0, 11);
         t.done(0, 14);
         assert_eq!(t.to_commit(), [(0, 15)]);
@@ -112,22 +187,52 @@ mod tests {
     }
 
     #[test]
-    fn partitions_are_independent_and_revoke_forgets() {
-        let mut t = OffsetTracker::default();
-        t.consumed(0, 1);
-        t.consumed(1, 7);
-        t.done(1, 7);
-        assert_eq!(t.to_commit(), [(0, 1), (1, 8)]);
-        t.revoke(1);
-        t.done(1, 8);
-        assert_eq!(t.to_commit(), [(0, 1)]);
-        assert!(!t.owns(1));
+    fn span_counts_from_the_confirmed_commit() {
+        let mut t = OffsetTracker::new(100);
+        for o in 0..10 {
+            t.consumed(0, o);
+            t.done(0, o);
+        }
+        assert_eq!(t.span(0), 10);
+        assert_eq!(t.to_commit(), [(0, 10)]);
+        assert_eq!(t.span(0), 10, "requested is not confirmed");
+        t.committed(0, 10);
+        assert_eq!(t.span(0), 0);
     }
 
     #[test]
-    fn a_partition_with_nothing_consumed_has_nothing_to_commit() {
-        let mut t = OffsetTracker::default();
-        t.assign(3);
+    fn a_failed_commit_is_asked_again() {
+        let mut t = OffsetTracker::new(100);
+        t.consumed(0, 0);
+        t.done(0, 0);
+        assert_eq!(t.to_commit(), [(0, 1)]);
+        t.commit_failed(0);
+        assert_eq!(t.to_commit(), [(0, 1)]);
+    }
+
+    #[test]
+    fn records_within_the_window_after_the_start_are_suspect() {
+        let mut t = OffsetTracker::new(3);
+        assert!(t.consumed(0, 50));
+        assert!(t.consumed(0, 52));
+        assert!(!t.consumed(0, 53));
+        assert!(t.consumed(1, 7), "each partition has its own window");
+    }
+
+    #[test]
+    fn partitions_are_independent_and_revoke_forgets() {
+        let mut t = OffsetTracker::new(10);
+        t.consumed(0, 1);
+        t.consumed(1, 7);
+        t.writing(1, 7);
+        assert!(t.is_writing(1));
+        t.done(1, 7);
+        assert!(!t.is_writing(1));
+        assert_eq!(t.to_commit(), [(1, 8)]);
+        t.revoke(1);
+        t.done(1, 8);
         assert!(t.to_commit().is_empty());
+        assert!(!t.owns(1));
+        assert_eq!(t.partitions(), [0]);
     }
 }

@@ -1,8 +1,9 @@
-//! The consumer loop: read envelopes, batch rows per table, write batches concurrently, send
-//! what cannot be written to the dead-letter topic, and commit each partition's offsets only up
-//! to the first record not yet durably handled (at-least-once).
+//! The consumer loop: read envelopes, batch rows per table, write each table's batches one at
+//! a time (tables concurrently), deduplicate by hit_id, send what cannot be written to the
+//! dead-letter topic, and commit each partition's offsets only up to the first record not yet
+//! durably handled (at-least-once; deduplication makes redelivery invisible).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use hookpipe_common::{Catalogue, TableRef};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -22,23 +24,26 @@ use uuid::Uuid;
 use crate::batch::{Batches, Item, Limits, TableBatch, Trigger, chunks};
 use crate::bigquery::{Warehouse, WriteError};
 use crate::deadletter::{DeadLetters, Letter};
+use crate::dedup::{RecentHits, first_occurrences};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::row::{self, Poison};
 
-fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
-    match tracker.lock() {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     }
 }
 
-/// Consumer callbacks: keeps the offset tracker in step with partition ownership and exports
-/// consumer lag from librdkafka's statistics.
+/// Consumer callbacks: keeps the offset tracker in step with partition ownership and with the
+/// broker's commit confirmations, and exports consumer lag from librdkafka's statistics.
 pub struct SinkContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub metrics: Arc<Metrics>,
     pub topic: String,
+    /// How long a revoke may wait for the partition's writes in progress.
+    pub revoke_wait: Duration,
 }
 
 impl ClientContext for SinkContext {
@@ -46,8 +51,9 @@ impl ClientContext for SinkContext {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
+        let tracker = lock(&self.tracker);
         for (id, partition) in &topic.partitions {
-            if *id >= 0 && partition.consumer_lag >= 0 {
+            if *id >= 0 && partition.consumer_lag >= 0 && tracker.owns(*id) {
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[&id.to_string()])
@@ -58,23 +64,38 @@ impl ClientContext for SinkContext {
 }
 
 impl ConsumerContext for SinkContext {
-    /// Before partitions go to another consumer, commit what is safely written for them, so
-    /// the new owner starts as late as possible; then stop tracking them. Rows of theirs still
-    /// being written will land, and the new owner's re-read of them is what hit_id
-    /// deduplication is for.
+    /// Before partitions go to another consumer: let writes in progress for them finish, commit
+    /// what is written, and stop tracking them. Rows of theirs still only batched are dropped
+    /// here and re-read by the new owner from the committed offset.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
         let partitions: HashSet<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
-        let mut tracker = lock(&self.tracker);
-        let mut tpl = TopicPartitionList::new();
-        for (p, offset) in tracker.to_commit() {
-            if partitions.contains(&p) {
-                let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(offset));
+        // The callback runs inside the consumer poll on a runtime worker; block_in_place lets
+        // the runtime move other tasks (the flush tasks being waited for) off this thread.
+        let deadline = std::time::Instant::now() + self.revoke_wait;
+        tokio::task::block_in_place(|| {
+            while partitions
+                .iter()
+                .any(|p| lock(&self.tracker).is_writing(*p))
+            {
+                if std::time::Instant::now() > deadline {
+                    tracing::warn!(
+                        "writes for revoked partitions still running; the new owner will look their rows up"
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-        }
-        if tpl.count() > 0 {
+        });
+        let mut tracker = lock(&self.tracker);
+        let offsets = tracker.to_commit_for(|p| partitions.contains(&p));
+        if !offsets.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (p, offset) in &offsets {
+                let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*offset));
+            }
             match consumer.commit(&tpl, CommitMode::Sync) {
                 Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
                 Err(error) => {
@@ -101,6 +122,24 @@ impl ConsumerContext for SinkContext {
                 tracker.assign(*p);
             }
             tracing::info!(?partitions, "partitions assigned");
+        }
+    }
+
+    /// The broker's answer to a commit: only a confirmed commit moves the point from which the
+    /// dedup window is counted.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let mut tracker = lock(&self.tracker);
+        for element in offsets.elements() {
+            if let Offset::Offset(offset) = element.offset() {
+                match (&result, element.error()) {
+                    (Ok(()), Ok(())) => tracker.committed(element.partition(), offset),
+                    _ => tracker.commit_failed(element.partition()),
+                }
+            }
+        }
+        if let Err(error) = result {
+            self.metrics.commits.with_label_values(&["error"]).inc();
+            tracing::warn!(%error, "offset commit failed, will retry");
         }
     }
 }
@@ -130,6 +169,8 @@ pub struct Writer<W> {
     pub warehouse: Arc<W>,
     pub dead_letters: Arc<DeadLetters>,
     pub metrics: Arc<Metrics>,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub recent: Mutex<RecentHits>,
     pub backoff: Backoff,
     pub limits: Limits,
     pub topic: String,
@@ -137,74 +178,160 @@ pub struct Writer<W> {
     pub ready_tables: Mutex<HashSet<TableRef>>,
 }
 
-/// Offsets a finished task has durably handled.
-type Done = Vec<(i32, i64)>;
-
 impl<W: Warehouse> Writer<W> {
-    fn table_ready(&self, table: &TableRef) -> bool {
-        self.ready_tables
-            .lock()
-            .map(|s| s.contains(table))
-            .unwrap_or(false)
-    }
-
-    fn mark_ready(&self, table: &TableRef, ready: bool) {
-        if let Ok(mut set) = self.ready_tables.lock() {
-            if ready {
-                set.insert(table.clone());
-            } else {
-                set.remove(table);
-            }
+    fn done<'a>(&self, items: impl IntoIterator<Item = &'a Item>) {
+        let mut tracker = lock(&self.tracker);
+        for item in items {
+            tracker.done(item.partition, item.offset);
         }
     }
 
-    /// Writes one table's batch: every row ends up written or dead-lettered, unless `cancel`
-    /// fires first, in which case only what was handled is reported done.
+    /// Writes one table's batch: every row ends up written, skipped as a duplicate, or
+    /// dead-lettered, each marked done in the tracker as it happens; unless `cancel` fires
+    /// first, in which case the rest stays pending (and uncommitted). Returns the table.
     pub async fn flush(
         self: Arc<Self>,
         table: TableRef,
         batch: TableBatch,
         trigger: Trigger,
         cancel: CancellationToken,
-    ) -> Done {
+    ) -> Option<TableRef> {
+        let items: Vec<Item> = {
+            let mut tracker = lock(&self.tracker);
+            // A revoked partition's rows are the new owner's to write.
+            let owned: Vec<Item> = batch
+                .items
+                .into_iter()
+                .filter(|i| tracker.owns(i.partition))
+                .collect();
+            for item in &owned {
+                tracker.writing(item.partition, item.offset);
+            }
+            owned
+        };
+        if items.is_empty() {
+            return Some(table);
+        }
         self.metrics.flush(trigger.as_str());
-        self.metrics.batch_rows.observe(batch.items.len() as f64);
+        self.metrics.batch_rows.observe(items.len() as f64);
         self.metrics.batch_bytes.observe(batch.bytes as f64);
-        let items = batch.items;
-        let mut done = Vec::with_capacity(items.len());
 
-        // Make sure the table is there; a schema that does not fit sends the rows to dead
-        // letters so other streams keep flowing.
+        // Repeats inside the batch and hit_ids this process wrote recently.
+        let (keep, repeats) = {
+            let recent = lock(&self.recent);
+            first_occurrences(items.iter().map(|i| i.row.hit_id.as_str()), &recent)
+        };
+        if !repeats.is_empty() {
+            self.metrics.duplicates_skipped.inc_by(repeats.len() as u64);
+            self.done(repeats.iter().map(|&i| &items[i]));
+        }
+        let mut items: Vec<Item> = keep.into_iter().map(|i| items[i].clone()).collect();
+
+        if !self.ensure_table(&table, &items, &cancel).await {
+            return Some(table);
+        }
+
+        // Rows a previous owner may have written before it could commit: look them up.
+        if items.iter().any(|i| i.suspect) {
+            let Some(existing) = self.lookup_suspects(&table, &items, &cancel).await else {
+                return Some(table);
+            };
+            if !existing.is_empty() {
+                let (dupes, fresh): (Vec<Item>, Vec<Item>) = items
+                    .into_iter()
+                    .partition(|i| i.suspect && existing.contains(&i.row.hit_id));
+                tracing::info!(%table, skipped = dupes.len(), "rows already written before the last commit skipped");
+                self.metrics.duplicates_skipped.inc_by(dupes.len() as u64);
+                lock(&self.recent).insert(dupes.iter().map(|i| i.row.hit_id.as_str()));
+                self.done(&dupes);
+                items = fresh;
+            }
+        }
+
+        self.write(&table, &items, &cancel).await;
+        Some(table)
+    }
+
+    /// Makes sure the table exists with a fitting schema. A schema that does not fit sends the
+    /// rows to dead letters, so other streams keep flowing. False if the caller should stop.
+    async fn ensure_table(
+        &self,
+        table: &TableRef,
+        items: &[Item],
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut attempt = 0;
-        while !self.table_ready(&table) {
-            match self.warehouse.ensure_table(&table).await {
-                Ok(()) => self.mark_ready(&table, true),
+        while !lock(&self.ready_tables).contains(table) {
+            match self.warehouse.ensure_table(table).await {
+                Ok(()) => {
+                    lock(&self.ready_tables).insert(table.clone());
+                }
                 Err(WriteError::SchemaMismatch(detail)) => {
                     self.metrics.write_error("schema_mismatch");
                     tracing::error!(%table, %detail, "table schema does not fit, dead-lettering its rows");
-                    for item in &items {
-                        if self
-                            .dead_letter(item, Poison::SchemaMismatch, detail.clone(), &cancel)
+                    for item in items {
+                        if !self
+                            .dead_letter(item, Poison::SchemaMismatch, detail.clone(), cancel)
                             .await
                         {
-                            done.push((item.partition, item.offset));
+                            return false;
                         }
+                        self.done([item]);
                     }
-                    return done;
+                    return false;
                 }
                 Err(error) => {
                     self.metrics.write_error(error.kind());
-                    if !self.pause(&table, &error, &mut attempt, &cancel).await {
-                        return done;
+                    if !self.pause(table, &error, &mut attempt, cancel).await {
+                        return false;
                     }
                 }
             }
         }
+        true
+    }
 
-        // Requests to make, as ranges of `items`; a rejected request is split until the bad
-        // rows are isolated (the emulator refuses a whole request for one bad row).
+    /// The suspect rows' hit_ids that the table already holds, retrying transient failures.
+    /// None if cancelled.
+    async fn lookup_suspects(
+        &self,
+        table: &TableRef,
+        items: &[Item],
+        cancel: &CancellationToken,
+    ) -> Option<HashSet<String>> {
+        let suspects: Vec<&Item> = items.iter().filter(|i| i.suspect).collect();
+        let mut existing = HashSet::new();
+        for group in suspects.chunks(self.limits.max_rows.max(1)) {
+            let dates: BTreeSet<_> = group.iter().map(|i| i.row.date).collect();
+            let ids: Vec<&str> = group.iter().map(|i| i.row.hit_id.as_str()).collect();
+            let mut attempt = 0;
+            loop {
+                let result = tokio::select! {
+                    r = self.warehouse.existing_hit_ids(table, &dates, &ids) => r,
+                    () = cancel.cancelled() => return None,
+                };
+                match result {
+                    Ok(found) => {
+                        existing.extend(found);
+                        break;
+                    }
+                    Err(error) => {
+                        self.metrics.write_error("dedup_lookup");
+                        if !self.pause(table, &error, &mut attempt, cancel).await {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some(existing)
+    }
+
+    /// insertAll in requests within the row and byte limits; a rejected request is split until
+    /// the bad rows are isolated (the emulator refuses a whole request for one bad row).
+    async fn write(&self, table: &TableRef, items: &[Item], cancel: &CancellationToken) {
         let mut work: Vec<std::ops::Range<usize>> =
-            chunks(&items, self.limits.max_rows, self.limits.max_bytes);
+            chunks(items, self.limits.max_rows, self.limits.max_bytes);
         work.reverse();
         let mut attempt = 0;
         while let Some(range) = work.pop() {
@@ -212,8 +339,8 @@ impl<W: Warehouse> Writer<W> {
             let rows: Vec<row::Row> = slice.iter().map(|i| i.row.clone()).collect();
             let started = std::time::Instant::now();
             let result = tokio::select! {
-                r = self.warehouse.insert(&table, &rows) => r,
-                () = cancel.cancelled() => return done,
+                r = self.warehouse.insert(table, &rows) => r,
+                () = cancel.cancelled() => return,
             };
             self.metrics
                 .write_duration
@@ -221,25 +348,7 @@ impl<W: Warehouse> Writer<W> {
             match result {
                 Ok(()) => {
                     attempt = 0;
-                    let now = hookpipe_common::now_ms();
-                    for item in slice {
-                        self.metrics
-                            .end_to_end
-                            .observe((now - item.row.received_at).max(0) as f64 / 1000.0);
-                        done.push((item.partition, item.offset));
-                    }
-                    let mut id_buf = Uuid::encode_buffer();
-                    let mut counted = 0;
-                    while counted < slice.len() {
-                        let stream = slice[counted].stream;
-                        let n = slice[counted..]
-                            .iter()
-                            .take_while(|i| i.stream == stream)
-                            .count();
-                        self.metrics
-                            .rows_written(stream.hyphenated().encode_lower(&mut id_buf), n as u64);
-                        counted += n;
-                    }
+                    self.written(slice);
                 }
                 Err(WriteError::RowsRejected(rejected)) => {
                     self.metrics.write_error("rows_rejected");
@@ -248,12 +357,12 @@ impl<W: Warehouse> Writer<W> {
                         if let Some(item) = slice.get(index) {
                             tracing::warn!(%table, hit_id = %item.row.hit_id, %detail, "row rejected by BigQuery");
                             if !self
-                                .dead_letter(item, Poison::RejectedByBigQuery, detail, &cancel)
+                                .dead_letter(item, Poison::RejectedByBigQuery, detail, cancel)
                                 .await
                             {
-                                return done;
+                                return;
                             }
-                            done.push((item.partition, item.offset));
+                            self.done([item]);
                         }
                     }
                     // Retry the good rows, each run of them as its own request.
@@ -273,12 +382,12 @@ impl<W: Warehouse> Writer<W> {
                     self.metrics.write_error("request_rejected");
                     tracing::warn!(%table, hit_id = %slice[0].row.hit_id, %detail, "row rejected by BigQuery");
                     if !self
-                        .dead_letter(&slice[0], Poison::RejectedByBigQuery, detail, &cancel)
+                        .dead_letter(&slice[0], Poison::RejectedByBigQuery, detail, cancel)
                         .await
                     {
-                        return done;
+                        return;
                     }
-                    done.push((slice[0].partition, slice[0].offset));
+                    self.done(slice);
                 }
                 Err(WriteError::RequestRejected(_)) => {
                     self.metrics.write_error("request_rejected");
@@ -290,21 +399,41 @@ impl<W: Warehouse> Writer<W> {
                     self.metrics.write_error(error.kind());
                     if error == WriteError::TableMissing {
                         // Deleted under us: re-create before the retry.
-                        self.mark_ready(&table, false);
-                        if let Err(e) = self.warehouse.ensure_table(&table).await {
-                            tracing::warn!(%table, error = %e, "re-creating table failed");
-                        } else {
-                            self.mark_ready(&table, true);
+                        lock(&self.ready_tables).remove(table);
+                        if self.warehouse.ensure_table(table).await.is_ok() {
+                            lock(&self.ready_tables).insert(table.clone());
                         }
                     }
-                    if !self.pause(&table, &error, &mut attempt, &cancel).await {
-                        return done;
+                    if !self.pause(table, &error, &mut attempt, cancel).await {
+                        return;
                     }
                     work.push(range);
                 }
             }
         }
-        done
+    }
+
+    fn written(&self, slice: &[Item]) {
+        let now = hookpipe_common::now_ms();
+        for item in slice {
+            self.metrics
+                .end_to_end
+                .observe((now - item.row.received_at).max(0) as f64 / 1000.0);
+        }
+        let mut id_buf = Uuid::encode_buffer();
+        let mut counted = 0;
+        while counted < slice.len() {
+            let stream = slice[counted].stream;
+            let n = slice[counted..]
+                .iter()
+                .take_while(|i| i.stream == stream)
+                .count();
+            self.metrics
+                .rows_written(stream.hyphenated().encode_lower(&mut id_buf), n as u64);
+            counted += n;
+        }
+        lock(&self.recent).insert(slice.iter().map(|i| i.row.hit_id.as_str()));
+        self.done(slice);
     }
 
     /// Waits before a retry. False if cancelled meanwhile.
@@ -318,7 +447,7 @@ impl<W: Warehouse> Writer<W> {
         let delay = self.backoff.delay(*attempt);
         *attempt += 1;
         self.metrics.retries.inc();
-        tracing::warn!(%table, attempt = *attempt, delay_ms = delay.as_millis() as u64, %error, "bigquery write failed, retrying");
+        tracing::warn!(%table, attempt = *attempt, delay_ms = delay.as_millis() as u64, %error, "bigquery call failed, retrying");
         tokio::select! {
             () = tokio::time::sleep(delay) => true,
             () = cancel.cancelled() => false,
@@ -387,13 +516,18 @@ pub async fn send_dead_letter(
 
 pub struct Pipeline<W> {
     pub consumer: Arc<SinkConsumer>,
-    pub tracker: Arc<Mutex<OffsetTracker>>,
     pub writer: Arc<Writer<W>>,
     pub catalogue: Arc<Shared<Catalogue>>,
-    /// Records consumed and not yet handled above which consumption pauses.
+    /// Records consumed and not yet handled above which all consumption pauses.
     pub max_buffered: usize,
+    /// The dedup window: a partition pauses when it runs half of this ahead of its last
+    /// confirmed commit.
+    pub window: usize,
     pub drain_timeout: Duration,
 }
+
+/// What a finished task reports: the table whose flush ended, or nothing (a dead letter).
+type Finished = Option<TableRef>;
 
 impl<W: Warehouse> Pipeline<W> {
     /// Runs until `cancel`, then drains: flushes what it holds, waits up to the drain timeout,
@@ -402,49 +536,73 @@ impl<W: Warehouse> Pipeline<W> {
         let limits = self.writer.limits;
         let metrics = self.writer.metrics.clone();
         let mut batches = Batches::default();
-        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut busy: HashSet<TableRef> = HashSet::new();
+        let mut tasks: JoinSet<Finished> = JoinSet::new();
         // Cancelled only when the drain timeout runs out.
         let abort = CancellationToken::new();
-        let mut paused = false;
-        let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut paused_all = false;
+        let mut paused: HashSet<i32> = HashSet::new();
+        let pause_span = i64::try_from(self.window / 2).unwrap_or(i64::MAX).max(1);
+        let mut commit_tick = tokio::time::interval(Duration::from_millis(500));
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            let in_flight = lock(&self.tracker).in_flight();
+            let in_flight = lock(&self.writer.tracker).in_flight();
             metrics.buffered_rows.set(in_flight as i64);
-            if !paused && in_flight >= self.max_buffered {
-                paused = self.set_paused(true);
-            } else if paused && in_flight <= self.max_buffered / 2 {
-                paused = !self.set_paused(false);
+            if !paused_all && in_flight >= self.max_buffered {
+                paused_all = self.set_paused(None, true);
+            } else if paused_all && in_flight <= self.max_buffered / 2 {
+                paused_all = !self.set_paused(None, false);
             }
-            let deadline = batches.next_deadline(&limits).map(Instant::from_std);
+            let deadline = batches.next_deadline(&limits, &busy).map(Instant::from_std);
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                Some(joined) = tasks.join_next() => self.finish(joined),
-                () = sleep_until(deadline) => {
-                    for table in batches.due(&limits, std::time::Instant::now()) {
-                        self.spawn_flush(&mut tasks, &mut batches, &table, Trigger::Age, &abort);
+                Some(joined) = tasks.join_next() => {
+                    if let Some(table) = finished(joined) {
+                        busy.remove(&table);
+                        if let Some(trigger) = batches.is_due(&table, &limits, std::time::Instant::now()) {
+                            self.spawn_flush(&mut tasks, &mut batches, &mut busy, &table, trigger, &abort);
+                        }
                     }
                 }
-                _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                () = sleep_until(deadline) => {
+                    for table in batches.due(&limits, std::time::Instant::now()) {
+                        if !busy.contains(&table) {
+                            self.spawn_flush(&mut tasks, &mut batches, &mut busy, &table, Trigger::Age, &abort);
+                        }
+                    }
+                }
+                _ = commit_tick.tick() => {
+                    self.commit(CommitMode::Async);
+                    self.resume_caught_up(&mut paused, pause_span);
+                }
                 // Keep polling while paused: paused partitions deliver nothing, but rebalance
                 // callbacks and group heartbeats are served by the poll.
                 message = self.consumer.recv() => match message {
                     Ok(message) => {
-                        if paused {
-                            // A newly assigned partition is not paused yet.
-                            self.set_paused(true);
-                        }
                         metrics.consumed.inc();
                         let (partition, offset) = (message.partition(), message.offset());
                         let value = message.payload().unwrap_or(&[]);
-                        lock(&self.tracker).consumed(partition, offset);
+                        let (suspect, span) = {
+                            let mut tracker = lock(&self.writer.tracker);
+                            (tracker.consumed(partition, offset), tracker.span(partition))
+                        };
+                        if paused_all {
+                            // A newly assigned partition is not paused yet.
+                            self.set_paused(None, true);
+                        }
+                        if span >= pause_span && paused.insert(partition) {
+                            self.set_paused(Some(partition), true);
+                            self.commit(CommitMode::Async);
+                        }
                         match row::place(value, &self.catalogue.current()) {
                             Ok(placed) => {
-                                let item = Item { row: placed.row, stream: placed.stream_id, partition, offset, original: value.to_vec() };
-                                if let Some(trigger) = batches.push(&placed.table, item, &limits, std::time::Instant::now()) {
-                                    self.spawn_flush(&mut tasks, &mut batches, &placed.table, trigger, &abort);
+                                let item = Item { row: placed.row, stream: placed.stream_id, partition, offset, original: value.to_vec(), suspect };
+                                if let Some(trigger) = batches.push(&placed.table, item, &limits, std::time::Instant::now())
+                                    && !busy.contains(&placed.table)
+                                {
+                                    self.spawn_flush(&mut tasks, &mut batches, &mut busy, &placed.table, trigger, &abort);
                                 }
                             }
                             Err((reason, detail)) => {
@@ -455,10 +613,9 @@ impl<W: Warehouse> Pipeline<W> {
                                 tasks.spawn(async move {
                                     let letter = Letter { original: &original, key: key.as_deref(), reason, detail, source_topic: &writer.topic, partition, offset };
                                     if send_dead_letter(&writer.dead_letters, &writer.metrics, writer.backoff, letter, &abort).await {
-                                        vec![(partition, offset)]
-                                    } else {
-                                        vec![]
+                                        lock(&writer.tracker).done(partition, offset);
                                     }
+                                    None
                                 });
                             }
                         }
@@ -471,12 +628,28 @@ impl<W: Warehouse> Pipeline<W> {
         }
 
         tracing::info!(rows = batches.rows(), "draining: flushing buffered rows");
-        for table in batches.tables() {
-            self.spawn_flush(&mut tasks, &mut batches, &table, Trigger::Shutdown, &abort);
-        }
         let drained = tokio::time::timeout(self.drain_timeout, async {
-            while let Some(joined) = tasks.join_next().await {
-                self.finish(joined);
+            loop {
+                for table in batches.tables() {
+                    if !busy.contains(&table) {
+                        self.spawn_flush(
+                            &mut tasks,
+                            &mut batches,
+                            &mut busy,
+                            &table,
+                            Trigger::Shutdown,
+                            &abort,
+                        );
+                    }
+                }
+                match tasks.join_next().await {
+                    Some(joined) => {
+                        if let Some(table) = finished(joined) {
+                            busy.remove(&table);
+                        }
+                    }
+                    None => break,
+                }
             }
         })
         .await;
@@ -485,9 +658,7 @@ impl<W: Warehouse> Pipeline<W> {
                 "drain timeout reached; unwritten rows stay uncommitted and will be re-read"
             );
             abort.cancel();
-            while let Some(joined) = tasks.join_next().await {
-                self.finish(joined);
-            }
+            while tasks.join_next().await.is_some() {}
         }
         self.commit(CommitMode::Sync);
         tracing::info!("sink drained");
@@ -495,13 +666,15 @@ impl<W: Warehouse> Pipeline<W> {
 
     fn spawn_flush(
         &self,
-        tasks: &mut JoinSet<Done>,
+        tasks: &mut JoinSet<Finished>,
         batches: &mut Batches,
+        busy: &mut HashSet<TableRef>,
         table: &TableRef,
         trigger: Trigger,
         abort: &CancellationToken,
     ) {
         if let Some(batch) = batches.take(table) {
+            busy.insert(table.clone());
             tasks.spawn(
                 self.writer
                     .clone()
@@ -510,23 +683,8 @@ impl<W: Warehouse> Pipeline<W> {
         }
     }
 
-    fn finish(&self, joined: Result<Done, tokio::task::JoinError>) {
-        match joined {
-            Ok(done) => {
-                let mut tracker = lock(&self.tracker);
-                for (p, o) in done {
-                    tracker.done(p, o);
-                }
-            }
-            // A panicking flush leaves its offsets pending: they are never committed, and are
-            // re-read after a restart.
-            Err(error) => tracing::error!(%error, "flush task failed"),
-        }
-    }
-
     fn commit(&self, mode: CommitMode) {
-        let mut tracker = lock(&self.tracker);
-        let offsets = tracker.to_commit();
+        let offsets = lock(&self.writer.tracker).to_commit();
         if offsets.is_empty() {
             return;
         }
@@ -534,26 +692,42 @@ impl<W: Warehouse> Pipeline<W> {
         for (p, o) in &offsets {
             let _ = tpl.add_partition_offset(&self.writer.topic, *p, Offset::Offset(*o));
         }
+        // Confirmation arrives through `SinkContext::commit_callback`.
         match self.consumer.commit(&tpl, mode) {
-            Ok(()) => {
-                self.writer.metrics.commits.with_label_values(&["ok"]).inc();
-                for (p, o) in offsets {
-                    tracker.committed(p, o);
-                }
-            }
+            Ok(()) => self.writer.metrics.commits.with_label_values(&["ok"]).inc(),
             Err(error) => {
                 self.writer
                     .metrics
                     .commits
                     .with_label_values(&["error"])
                     .inc();
+                let mut tracker = lock(&self.writer.tracker);
+                for (p, _) in offsets {
+                    tracker.commit_failed(p);
+                }
                 tracing::warn!(%error, "offset commit failed, will retry");
             }
         }
     }
 
-    /// Pauses or resumes every assigned partition. Returns whether it took effect.
-    fn set_paused(&self, pause: bool) -> bool {
+    /// Resumes partitions that fell back within a quarter of the window of their commit.
+    fn resume_caught_up(&self, paused: &mut HashSet<i32>, pause_span: i64) {
+        let caught_up: Vec<i32> = {
+            let tracker = lock(&self.writer.tracker);
+            paused
+                .iter()
+                .copied()
+                .filter(|p| !tracker.owns(*p) || tracker.span(*p) <= pause_span / 2)
+                .collect()
+        };
+        for p in caught_up {
+            paused.remove(&p);
+            self.set_paused(Some(p), false);
+        }
+    }
+
+    /// Pauses or resumes one assigned partition, or all. Returns whether it took effect.
+    fn set_paused(&self, partition: Option<i32>, pause: bool) -> bool {
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
             Err(error) => {
@@ -561,29 +735,46 @@ impl<W: Warehouse> Pipeline<W> {
                 return false;
             }
         };
+        let tpl = match partition {
+            None => assignment,
+            Some(p) => {
+                let mut tpl = TopicPartitionList::new();
+                if assignment.find_partition(&self.writer.topic, p).is_none() {
+                    return false;
+                }
+                tpl.add_partition(&self.writer.topic, p);
+                tpl
+            }
+        };
         let result = if pause {
-            self.consumer.pause(&assignment)
+            self.consumer.pause(&tpl)
         } else {
-            self.consumer.resume(&assignment)
+            self.consumer.resume(&tpl)
         };
         match result {
             Ok(()) => {
-                self.writer.metrics.paused.set(i64::from(pause));
-                tracing::info!(
-                    paused = pause,
-                    "consumption {}",
-                    if pause {
-                        "paused: buffer full"
-                    } else {
-                        "resumed"
-                    }
-                );
+                if partition.is_none() {
+                    self.writer.metrics.paused.set(i64::from(pause));
+                }
+                tracing::debug!(?partition, pause, "consumption paused/resumed");
                 true
             }
             Err(error) => {
                 tracing::warn!(%error, "pause/resume failed");
                 false
             }
+        }
+    }
+}
+
+fn finished(joined: Result<Finished, tokio::task::JoinError>) -> Finished {
+    match joined {
+        Ok(table) => table,
+        // A panicking task leaves its offsets pending: they are never committed, and are
+        // re-read after a restart.
+        Err(error) => {
+            tracing::error!(%error, "sink task failed");
+            None
         }
     }
 }

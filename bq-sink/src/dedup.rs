@@ -1,0 +1,111 @@
+//! hit_id deduplication that needs nothing from the broker. Three layers, cheapest first:
+//! repeats inside one batch, hit_ids this process wrote recently (a sender's retry with the
+//! same Idempotency-Key arrives at a new offset of the same partition), and, for records in
+//! the suspect range after an assignment, a lookup in the table itself (rows written by a
+//! previous owner that crashed or was rebalanced away before committing). Pure except for the
+//! lookup, which the caller performs.
+
+use std::collections::{HashSet, VecDeque};
+
+use uuid::Uuid;
+
+/// The hit_ids written most recently by this process, bounded in memory (16 bytes per hit
+/// plus set overhead).
+#[derive(Debug)]
+pub struct RecentHits {
+    set: HashSet<u128>,
+    order: VecDeque<u128>,
+    capacity: usize,
+}
+
+impl RecentHits {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            set: HashSet::with_capacity(capacity.min(1 << 20)),
+            order: VecDeque::with_capacity(capacity.min(1 << 20)),
+            capacity,
+        }
+    }
+
+    pub fn contains(&self, hit_id: &str) -> bool {
+        key(hit_id).is_some_and(|k| self.set.contains(&k))
+    }
+
+    /// Remembers written hit_ids, forgetting the oldest beyond capacity.
+    pub fn insert<'a>(&mut self, hit_ids: impl IntoIterator<Item = &'a str>) {
+        if self.capacity == 0 {
+            return;
+        }
+        for k in hit_ids.into_iter().filter_map(key) {
+            if self.set.insert(k) {
+                self.order.push_back(k);
+                if self.order.len() > self.capacity
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
+fn key(hit_id: &str) -> Option<u128> {
+    Uuid::try_parse(hit_id).ok().map(|u| u.as_u128())
+}
+
+/// Splits indexes of a batch into those to write and those that repeat an earlier hit_id of the
+/// same batch or a recently written one.
+pub fn first_occurrences<'a>(
+    hit_ids: impl IntoIterator<Item = &'a str>,
+    recent: &RecentHits,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut seen = HashSet::new();
+    let (mut keep, mut skip) = (Vec::new(), Vec::new());
+    for (i, id) in hit_ids.into_iter().enumerate() {
+        if recent.contains(id) || !seen.insert(id) {
+            skip.push(i);
+        } else {
+            keep.push(i);
+        }
+    }
+    (keep, skip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "83cc2a6a-4829-4410-bab4-95b680c5b8d7";
+    const B: &str = "01a21e81-2a0c-7193-9dd5-22e7392d1a2e";
+    const C: &str = "01a21e82-8389-71ca-8083-d7d7f580ed7c";
+
+    #[test]
+    fn recent_hits_are_bounded() {
+        let mut r = RecentHits::new(2);
+        r.insert([A, B]);
+        assert!(r.contains(A) && r.contains(B));
+        r.insert([C]);
+        assert!(!r.contains(A), "oldest forgotten");
+        assert!(r.contains(B) && r.contains(C));
+        assert_eq!(r.len(), 2);
+        r.insert([C]);
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn repeats_in_a_batch_and_recent_writes_are_skipped() {
+        let mut r = RecentHits::new(10);
+        r.insert([C]);
+        let (keep, skip) = first_occurrences([A, B, A, C, B], &r);
+        assert_eq!(keep, [0, 1]);
+        assert_eq!(skip, [2, 3, 4]);
+    }
+}
