@@ -29,9 +29,13 @@ use crate::row::Row;
 /// What went wrong with a BigQuery call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
-    /// Worth retrying: network, 5xx, 429, quota, credentials, timeouts.
+    /// Worth retrying: network, 429, quota, credentials, timeouts.
     #[error("transient: {0}")]
     Transient(String),
+    /// HTTP 5xx. Usually transient; but the emulator also answers a bad row with HTTP 500 for
+    /// the whole request, so the writer checks whether BigQuery is up before retrying as is.
+    #[error("server error: {0}")]
+    ServerError(String),
     /// The table exists with a schema rows cannot be written to.
     #[error("schema mismatch: {0}")]
     SchemaMismatch(String),
@@ -52,6 +56,7 @@ impl WriteError {
     pub fn kind(&self) -> &'static str {
         match self {
             WriteError::Transient(_) => "transient",
+            WriteError::ServerError(_) => "server_error",
             WriteError::SchemaMismatch(_) => "schema_mismatch",
             WriteError::RowsRejected(_) => "rows_rejected",
             WriteError::RequestRejected(_) => "request_rejected",
@@ -163,6 +168,9 @@ pub fn classify(error: BQError) -> WriteError {
             match e.code {
                 404 => WriteError::TableMissing,
                 400 if reason != "backendError" => WriteError::RequestRejected(e.message),
+                500.. => {
+                    WriteError::ServerError(format!("HTTP {} {reason}: {}", e.code, e.message))
+                }
                 _ => WriteError::Transient(format!("HTTP {} {reason}: {}", e.code, e.message)),
             }
         }

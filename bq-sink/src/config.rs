@@ -12,14 +12,32 @@ use hookpipe_common::parse_duration;
 /// table in micro-batches, committing offsets only after the rows are written.
 #[derive(clap::Parser, Clone, Debug)]
 #[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Put dead letters back on the main topic (after fixing their cause), filtered by
+    /// stream, reason and receipt time. Uses the same Kafka settings and topics as the sink.
+    ReplayDlq(crate::replay::ReplayArgs),
+}
+
+/// The sink's settings.
+#[derive(clap::Args, Clone, Debug)]
 pub struct Config {
     /// Address for `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "HOOKPIPE_ADMIN_LISTEN", default_value = "127.0.0.1:9102")]
     pub admin_listen: SocketAddr,
 
-    /// The stream catalogue (YAML). Reloaded when its content changes.
+    /// The stream catalogue (YAML), required to run the sink. Reloaded when its content
+    /// changes.
     #[arg(long, env = "HOOKPIPE_CATALOGUE")]
-    pub catalogue: PathBuf,
+    pub catalogue: Option<PathBuf>,
 
     /// How often the catalogue file is checked for changes.
     #[arg(long, env = "HOOKPIPE_CATALOGUE_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
@@ -120,6 +138,9 @@ pub struct BigQueryArgs {
 impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.kafka.validate()?;
+        if self.catalogue.is_none() {
+            return Err("HOOKPIPE_CATALOGUE (--catalogue) is required".into());
+        }
         if self.dlq_topic == self.kafka.topic {
             return Err("HOOKPIPE_DLQ_TOPIC must differ from HOOKPIPE_TOPIC".into());
         }

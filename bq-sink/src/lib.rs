@@ -9,4 +9,5 @@ pub mod dedup;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod replay;
 pub mod row;

@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bq_sink::batch::Limits;
 use bq_sink::bigquery::BigQuery;
-use bq_sink::config::Config;
+use bq_sink::config::{Cli, Command};
 use bq_sink::deadletter::DeadLetters;
 use bq_sink::dedup::RecentHits;
 use bq_sink::metrics::Metrics;
 use bq_sink::offsets::OffsetTracker;
 use bq_sink::pipeline::{Backoff, Pipeline, SinkConsumer, SinkContext, Writer};
+use bq_sink::replay;
 use clap::Parser;
 use hookpipe_common::Catalogue;
 use hookpipe_common::admin::{self, Readiness};
@@ -25,13 +26,36 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     hookpipe_common::telemetry::init();
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = cli.config;
+    if let Some(Command::ReplayDlq(args)) = cli.command {
+        config
+            .kafka
+            .validate()
+            .map_err(|p| anyhow::anyhow!("invalid configuration: {p}"))?;
+        let mut base = config.kafka.client_config();
+        config.kafka.apply_overrides(&mut base);
+        let summary = replay::run(&base, &config.dlq_topic, &config.kafka.topic, &args)
+            .await
+            .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
+        println!(
+            "read {} dead letters from {}, {} matched, {} replayed to {}{}",
+            summary.read,
+            config.dlq_topic,
+            summary.matched,
+            summary.replayed,
+            config.kafka.topic,
+            if args.dry_run { " (dry run)" } else { "" }
+        );
+        return Ok(());
+    }
     if let Err(problem) = config.validate() {
         bail!("invalid configuration: {problem}");
     }
     tracing::info!(?config, "starting bq-sink");
+    let catalogue_path = config.catalogue.clone().unwrap_or_default();
 
-    let catalogue = Arc::new(Shared::new(Catalogue::load(&config.catalogue)?));
+    let catalogue = Arc::new(Shared::new(Catalogue::load(&catalogue_path)?));
     let metrics = Arc::new(Metrics::new());
     let warehouse = Arc::new(
         BigQuery::connect(&config.bigquery)
@@ -91,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn({
         let metrics = metrics.clone();
         watch_catalogue(
-            config.catalogue.clone(),
+            catalogue_path,
             config.catalogue_reload_interval,
             catalogue.clone(),
             cancel.clone(),

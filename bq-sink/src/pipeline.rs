@@ -29,6 +29,10 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::row::{self, Poison};
 
+/// Server errors a single row may get, while BigQuery answers for its table, before it is
+/// taken for a bad row.
+const POISON_STRIKES: u32 = 3;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
@@ -334,6 +338,9 @@ impl<W: Warehouse> Writer<W> {
             chunks(items, self.limits.max_rows, self.limits.max_bytes);
         work.reverse();
         let mut attempt = 0;
+        // Per row (index into `items`): server errors for that row alone while BigQuery
+        // answered other calls.
+        let mut strikes: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
         while let Some(range) = work.pop() {
             let slice = &items[range.clone()];
             let rows: Vec<row::Row> = slice.iter().map(|i| i.row.clone()).collect();
@@ -394,6 +401,49 @@ impl<W: Warehouse> Writer<W> {
                     let mid = range.start + slice.len() / 2;
                     work.push(mid..range.end);
                     work.push(range.start..mid);
+                }
+                // A server error while the table itself answers means one of these rows is
+                // bad (the emulator's way of rejecting a row): split to find it. A single row
+                // that fails like that `POISON_STRIKES` times is dead-lettered.
+                Err(WriteError::ServerError(detail))
+                    if self.warehouse.ensure_table(table).await.is_ok() =>
+                {
+                    self.metrics.write_error("server_error");
+                    if slice.len() > 1 {
+                        let mid = range.start + slice.len() / 2;
+                        work.push(mid..range.end);
+                        work.push(range.start..mid);
+                        continue;
+                    }
+                    let count = strikes.entry(range.start).or_default();
+                    *count += 1;
+                    if *count >= POISON_STRIKES {
+                        let item = &slice[0];
+                        tracing::warn!(%table, hit_id = %item.row.hit_id, %detail, "row fails alone while BigQuery is up, dead-lettering");
+                        let detail = format!(
+                            "BigQuery answered this row alone with a server error {POISON_STRIKES} times while the table answered: {detail}"
+                        );
+                        if !self
+                            .dead_letter(item, Poison::RejectedByBigQuery, detail, cancel)
+                            .await
+                        {
+                            return;
+                        }
+                        self.done(slice);
+                        continue;
+                    }
+                    if !self
+                        .pause(
+                            table,
+                            &WriteError::ServerError(detail),
+                            &mut attempt,
+                            cancel,
+                        )
+                        .await
+                    {
+                        return;
+                    }
+                    work.push(range);
                 }
                 Err(error) => {
                     self.metrics.write_error(error.kind());
@@ -598,7 +648,7 @@ impl<W: Warehouse> Pipeline<W> {
                         }
                         match row::place(value, &self.catalogue.current()) {
                             Ok(placed) => {
-                                let item = Item { row: placed.row, stream: placed.stream_id, partition, offset, original: value.to_vec(), suspect };
+                                let item = Item { row: placed.row, stream: placed.stream_id, partition, offset, original: value.to_vec(), suspect: suspect || placed.replayed };
                                 if let Some(trigger) = batches.push(&placed.table, item, &limits, std::time::Instant::now())
                                     && !busy.contains(&placed.table)
                                 {

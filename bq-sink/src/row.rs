@@ -52,6 +52,8 @@ impl Poison {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placed {
     pub stream_id: Uuid,
+    /// Put back by replay-dlq: may already be in the table.
+    pub replayed: bool,
     pub table: TableRef,
     pub row: Row,
 }
@@ -91,6 +93,7 @@ pub fn place(value: &[u8], catalogue: &Catalogue) -> Result<Placed, (Poison, Str
         .map_err(|_| (Poison::InvalidPayload, "payload is not UTF-8".to_owned()))?;
     Ok(Placed {
         stream_id,
+        replayed: envelope.replayed,
         table: stream.table.clone(),
         row: Row {
             hit_id: envelope.hit_id,

@@ -39,6 +39,7 @@ pub fn build(received: Received<'_>) -> Envelope {
         idempotency_key: received.idempotency_key.map(str::to_owned),
         remote_addr: received.remote_addr,
         user_agent: received.user_agent.to_owned(),
+        replayed: false,
     }
 }
 

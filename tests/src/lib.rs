@@ -562,3 +562,263 @@ impl Drop for PrivateBroker {
         }
     }
 }
+
+/// Publishes raw records (key, value) to a topic and waits for each acknowledgement.
+pub async fn produce(brokers: &str, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for (key, value) in records {
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Reads every record of a topic from the start, up to `count`, as raw (key, value).
+pub async fn read_raw(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("raw-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "only {} of {count} records on {topic} within {timeout:?}",
+            out.len()
+        );
+        if let Ok(Ok(m)) = tokio::time::timeout(left, consumer.recv()).await {
+            out.push((
+                m.key().unwrap_or(&[]).to_vec(),
+                m.payload().unwrap_or(&[]).to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+/// A catalogue file of the test's own, in a fresh directory, with one stream per
+/// `(id, timezone)` writing to `local-project.<dataset>.<table>`; returns its path.
+pub fn write_catalogue(streams: &[(&str, &str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique("hookpipe-catalogue"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("streams.yaml");
+    replace_catalogue(&path, streams);
+    path
+}
+
+/// Replaces a catalogue atomically (as a ConfigMap update does). Each stream is
+/// `(id, "local-project.dataset.table", timezone)`.
+pub fn replace_catalogue(path: &Path, streams: &[(&str, &str, &str)]) {
+    let mut text = String::from("streams:\n");
+    for (id, table, zone) in streams {
+        text.push_str(&format!(
+            "  - id: {id}\n    table: {table}\n    timezone: \"{zone}\"\n"
+        ));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `(COUNT(*), COUNT(DISTINCT hit_id))` of a table, or `None` while it does not exist.
+pub async fn counts(servers: &Servers, table: &str) -> Option<(u64, u64)> {
+    let rows = query(
+        servers,
+        &format!("SELECT COUNT(*), COUNT(DISTINCT hit_id) FROM `{table}`"),
+    )
+    .await
+    .ok()?;
+    let row = rows.first()?;
+    Some((
+        row[0].as_deref()?.parse().ok()?,
+        row[1].as_deref()?.parse().ok()?,
+    ))
+}
+
+/// All hit_ids of a table.
+pub async fn hit_ids(servers: &Servers, table: &str) -> Vec<String> {
+    query(servers, &format!("SELECT hit_id FROM `{table}`"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect()
+}
+
+/// A BigQuery emulator of the test's own, which it may stop and start again with its data.
+pub struct PrivateEmulator {
+    pub rest_port: u16,
+    grpc_port: u16,
+    dir: PathBuf,
+    runs: u32,
+    proc: Option<Proc>,
+}
+
+impl PrivateEmulator {
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("hookpipe-emulator"));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let mut emulator = Self {
+            rest_port: free_port(),
+            grpc_port: free_port(),
+            dir,
+            runs: 0,
+            proc: None,
+        };
+        emulator.resume().await;
+        emulator
+    }
+
+    pub fn rest(&self) -> String {
+        format!("http://127.0.0.1:{}", self.rest_port)
+    }
+
+    /// Stops the emulator (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.terminate(Duration::from_secs(20));
+        }
+    }
+
+    pub async fn resume(&mut self) {
+        let bin = std::env::var("HOOKPIPE_TEST_BQEMU")
+            .expect("HOOKPIPE_TEST_BQEMU: run through scripts/test");
+        self.runs += 1;
+        let log = self.dir.join(format!("emulator.{}.log", self.runs));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args([
+                "start",
+                "--rest-host",
+                "127.0.0.1",
+                "--rest-port",
+                &self.rest_port.to_string(),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                &self.grpc_port.to_string(),
+                "--project",
+                "local-project",
+                "--persistent",
+                "--data-dir",
+                &self.dir.join("data").display().to_string(),
+                "--log-level",
+                "warning",
+            ])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc {
+            name: format!("private emulator, run {}", self.runs),
+            child: Some(child),
+            log,
+        });
+        let url = format!("{}/readyz", self.rest());
+        eventually(
+            Duration::from_secs(60),
+            "the private emulator to be ready",
+            || {
+                let url = url.clone();
+                async move {
+                    reqwest::get(url)
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for PrivateEmulator {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Sends `count` webhooks to a stream through the gateway, `concurrency` at a time, each with
+/// its own Idempotency-Key, retrying on connection errors and 503 as real senders do. Returns
+/// the acknowledged hit_ids.
+pub async fn send_hits(
+    gateway_url: &str,
+    stream: &str,
+    count: usize,
+    concurrency: usize,
+    pace: Duration,
+) -> std::collections::HashSet<String> {
+    let client = reqwest::Client::new();
+    let url = std::sync::Arc::new(format!("{gateway_url}/ds/{stream}"));
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, url, next) = (client.clone(), url.clone(), next.clone());
+        workers.spawn(async move {
+            let mut acked = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return acked;
+                }
+                let key = format!("{}-{i}", uuid::Uuid::new_v4().simple());
+                for _attempt in 0..200 {
+                    let sent = client
+                        .post(url.as_str())
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .header("idempotency-key", &key)
+                        .body(format!("orderId=N{i}&status=delivered"))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status() == 202 => {
+                            let json: serde_json::Value = r.json().await.unwrap();
+                            acked.push(json["hit_id"].as_str().unwrap().to_owned());
+                            break;
+                        }
+                        Ok(r) if r.status() == 503 => {}
+                        Ok(r) => panic!("unexpected status {}", r.status()),
+                        Err(_) => {}
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tokio::time::sleep(pace).await;
+            }
+        });
+    }
+    let mut all = std::collections::HashSet::new();
+    while let Some(r) = workers.join_next().await {
+        all.extend(r.unwrap());
+    }
+    all
+}

@@ -1,0 +1,418 @@
+//! bq-sink on the real broker and emulator, under the failures that lose or duplicate data
+//! elsewhere: kill -9 mid-stream, a consumer leaving the group, BigQuery down, poison records,
+//! a sender's retry. Each test checks what an analyst would: every acknowledged hit is in the
+//! table exactly once (`COUNT(*) = COUNT(DISTINCT hit_id)` = number acknowledged).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use hookpipe_proto::{DeadLetter, Envelope, Message as _};
+use hookpipe_tests::{
+    PrivateEmulator, Servers, Wiring, counts, eventually, hit_ids, metric, produce, query,
+    read_raw, replace_catalogue, send_hits, unique, write_catalogue,
+};
+
+fn new_stream() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Waits until the table holds `expected` rows, then checks each acknowledged hit is there once.
+async fn assert_exactly_once(
+    servers: &Servers,
+    table: &str,
+    acked: &HashSet<String>,
+    timeout: Duration,
+) {
+    let expected = acked.len() as u64;
+    let (rows, distinct) = eventually(timeout, &format!("{expected} rows in {table}"), || {
+        let servers = servers.clone();
+        async move {
+            counts(&servers, table)
+                .await
+                .filter(|(rows, _)| *rows >= expected)
+        }
+    })
+    .await;
+    assert_eq!(
+        rows, distinct,
+        "{table}: {rows} rows but {distinct} distinct hit_ids"
+    );
+    assert_eq!(rows, expected, "{table}: rows vs acknowledged hits");
+    let stored: HashSet<String> = hit_ids(servers, table).await.into_iter().collect();
+    let missing = acked.difference(&stored).count();
+    assert_eq!(
+        missing, 0,
+        "{missing} acknowledged hits are missing from {table}"
+    );
+}
+
+/// Small batches and a small dedup window, so commits, pauses and suspect lookups all happen
+/// within a short test.
+const SINK_TUNING: &[(&str, &str)] = &[
+    ("HOOKPIPE_BATCH_MAX_ROWS", "50"),
+    ("HOOKPIPE_BATCH_MAX_AGE", "200ms"),
+    ("HOOKPIPE_DEDUP_WINDOW", "400"),
+    ("HOOKPIPE_RETRY_INITIAL", "50ms"),
+    ("HOOKPIPE_RETRY_MAX", "1s"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_sink_at_random_moments_loses_and_duplicates_nothing() {
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("kill9"));
+    let catalogue = write_catalogue(&[(&stream, &table, "+03:00")]);
+    let wiring = Wiring::new(catalogue, 3).await;
+    let gateway = wiring.gateway(&[]).await;
+    let mut sink = wiring.sink(SINK_TUNING).await;
+
+    let load = tokio::spawn({
+        let (url, stream) = (gateway.url.clone(), stream.clone());
+        async move { send_hits(&url, &stream, 3000, 6, Duration::from_millis(5)).await }
+    });
+    for round in 0..4 {
+        // A random moment: 300 to 1800 ms into this sink's life.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        tokio::time::sleep(Duration::from_millis(300 + u64::from(nanos % 1500))).await;
+        let written = metric(&sink.admin, "bq_sink_rows_written_total", &[]).await;
+        sink.proc.kill9();
+        eprintln!("round {round}: killed the sink after it wrote {written} rows");
+        sink = wiring.sink(SINK_TUNING).await;
+    }
+    let acked = load.await.unwrap();
+    assert_eq!(acked.len(), 3000);
+    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sinks_share_the_partitions_and_one_leaves() {
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("rebalance"));
+    let catalogue = write_catalogue(&[(&stream, &table, "UTC")]);
+    let wiring = Wiring::new(catalogue, 4).await;
+    let gateway = wiring.gateway(&[]).await;
+    let first = wiring.sink(SINK_TUNING).await;
+    let mut second = wiring.sink(SINK_TUNING).await;
+
+    let load = tokio::spawn({
+        let (url, stream) = (gateway.url.clone(), stream.clone());
+        async move { send_hits(&url, &stream, 2000, 6, Duration::from_millis(5)).await }
+    });
+    // Both members work, then the second leaves mid-stream.
+    eventually(Duration::from_secs(30), "both sinks to write rows", || {
+        let (a, b) = (first.admin.clone(), second.admin.clone());
+        async move {
+            let wa = metric(&a, "bq_sink_rows_written_total", &[]).await;
+            let wb = metric(&b, "bq_sink_rows_written_total", &[]).await;
+            (wa > 0.0 && wb > 0.0).then_some(())
+        }
+    })
+    .await;
+    let status =
+        tokio::task::spawn_blocking(move || second.proc.terminate(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert!(status.success(), "the leaving sink exited with {status:?}");
+    // And a new member joins while traffic flows.
+    let third = wiring.sink(SINK_TUNING).await;
+    let acked = load.await.unwrap();
+    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+    drop((first, third));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bigquery_down_for_a_while_is_retried_without_loss_or_duplicates() {
+    let mut emulator = PrivateEmulator::start().await;
+    let servers = Servers {
+        bq_rest: emulator.rest(),
+        ..Servers::from_env()
+    };
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("outage"));
+    let catalogue = write_catalogue(&[(&stream, &table, "Europe/Berlin")]);
+    let wiring = Wiring::on(servers, catalogue, 2).await;
+    let gateway = wiring.gateway(&[]).await;
+    let sink = wiring.sink(SINK_TUNING).await;
+
+    let mut acked = send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await;
+    eventually(Duration::from_secs(30), "the first rows", || {
+        let servers = wiring.servers.clone();
+        let table = table.clone();
+        async move { counts(&servers, &table).await.filter(|(n, _)| *n > 0) }
+    })
+    .await;
+    emulator.stop();
+    acked.extend(send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await);
+    eventually(Duration::from_secs(30), "the sink to retry", || {
+        let admin = sink.admin.clone();
+        async move { (metric(&admin, "bq_sink_retries_total", &[]).await >= 3.0).then_some(()) }
+    })
+    .await;
+    emulator.resume().await;
+    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+    assert_eq!(
+        metric(&sink.admin, "bq_sink_dead_letters_total", &[]).await,
+        0.0,
+        "nothing was dead-lettered"
+    );
+}
+
+fn envelope(stream: &str, payload: &str, received_at_ms: i64) -> (Vec<u8>, Vec<u8>) {
+    let hit_id = uuid::Uuid::now_v7().to_string();
+    let value = Envelope {
+        hit_id: hit_id.clone(),
+        received_at_ms,
+        stream_id: stream.to_owned(),
+        payload: payload.as_bytes().to_vec().into(),
+        content_type: "application/x-www-form-urlencoded".into(),
+        method: "POST".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    (hit_id.into_bytes(), value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_unknown_stream_and_bad_rows_are_dead_lettered_and_replay_brings_them_back() {
+    let (good, unknown, misfit) = (new_stream(), new_stream(), new_stream());
+    let dataset = unique("poison");
+    let good_table = format!("local-project.{dataset}.good");
+    let unknown_table = format!("local-project.{dataset}.later");
+    let misfit_table = format!("local-project.{dataset}.misfit");
+    let catalogue =
+        write_catalogue(&[(&good, &good_table, "UTC"), (&misfit, &misfit_table, "UTC")]);
+    let wiring = Wiring::new(catalogue.clone(), 1).await;
+
+    // A table whose schema does not fit: `payload` is INT64.
+    let servers = wiring.servers.clone();
+    let http = reqwest::Client::new();
+    let api = format!("{}/bigquery/v2/projects/local-project", servers.bq_rest);
+    http.post(format!("{api}/datasets"))
+        .json(&serde_json::json!({"datasetReference": {"projectId": "local-project", "datasetId": dataset}}))
+        .send()
+        .await
+        .unwrap();
+    let created = http
+        .post(format!("{api}/datasets/{dataset}/tables"))
+        .json(&serde_json::json!({
+            "tableReference": {"projectId": "local-project", "datasetId": dataset, "tableId": "misfit"},
+            "schema": {"fields": [
+                {"name": "hit_id", "type": "STRING", "mode": "REQUIRED"},
+                {"name": "payload", "type": "INT64"},
+                {"name": "received_at", "type": "INT64"},
+                {"name": "date", "type": "DATE"}]}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success());
+
+    let now = hookpipe_tests_now_ms();
+    let good_1 = envelope(&good, "orderId=N1&status=delivered", now);
+    let not_an_envelope = (b"k1".to_vec(), b"\xff\xfe this is not protobuf".to_vec());
+    let unknown_1 = envelope(&unknown, "leadId=L1&status=new", now);
+    // Received in the year 11476: its `date` is outside BigQuery's DATE range, so BigQuery
+    // (the emulator: with HTTP 500 for the whole request) refuses the row.
+    let bad_row = envelope(&good, "orderId=N2&status=refunded", 300_000_000_000_000);
+    let misfit_1 = envelope(&misfit, "orderId=N3", now);
+    let good_2 = envelope(&good, "orderId=N4&status=shipped", now);
+    produce(
+        &servers.brokers,
+        &wiring.topic,
+        &[
+            good_1.clone(),
+            not_an_envelope.clone(),
+            unknown_1.clone(),
+            bad_row.clone(),
+            misfit_1.clone(),
+            good_2.clone(),
+        ],
+    )
+    .await;
+    let sink = wiring.sink(SINK_TUNING).await;
+
+    // The good rows around them land.
+    let good_ids: HashSet<String> = [&good_1, &good_2]
+        .iter()
+        .map(|(k, _)| String::from_utf8(k.clone()).unwrap())
+        .collect();
+    let landed = eventually(Duration::from_secs(60), "the good rows", || {
+        let (servers, table) = (servers.clone(), good_table.clone());
+        async move {
+            let ids: HashSet<String> = query(&servers, &format!("SELECT hit_id FROM `{table}`"))
+                .await
+                .ok()?
+                .into_iter()
+                .filter_map(|r| r.into_iter().next().flatten())
+                .collect();
+            (ids.len() >= 2).then_some(ids)
+        }
+    })
+    .await;
+    assert_eq!(landed, good_ids);
+
+    // The other four are on the dead-letter topic, each with its reason and the original bytes.
+    let letters: Vec<DeadLetter> = read_raw(
+        &servers.brokers,
+        &wiring.dlq_topic,
+        4,
+        Duration::from_secs(60),
+    )
+    .await
+    .into_iter()
+    .map(|(_, v)| DeadLetter::decode(v.as_slice()).unwrap())
+    .collect();
+    let reason_of = |original: &[u8]| {
+        letters
+            .iter()
+            .find(|l| l.original == original)
+            .map(|l| l.reason.clone())
+            .unwrap_or_else(|| panic!("no dead letter for a record"))
+    };
+    assert_eq!(reason_of(&not_an_envelope.1), "undecodable");
+    assert_eq!(reason_of(&unknown_1.1), "unknown_stream");
+    assert_eq!(reason_of(&bad_row.1), "rejected_by_bigquery");
+    assert_eq!(reason_of(&misfit_1.1), "schema_mismatch");
+    for reason in [
+        "undecodable",
+        "unknown_stream",
+        "rejected_by_bigquery",
+        "schema_mismatch",
+    ] {
+        assert_eq!(
+            metric(
+                &sink.admin,
+                "bq_sink_dead_letters_total",
+                &[("reason", reason)]
+            )
+            .await,
+            1.0,
+            "{reason}"
+        );
+    }
+
+    // Fix the cause (add the stream), then replay that reason: the row lands, once, even when
+    // replayed twice.
+    replace_catalogue(
+        &catalogue,
+        &[
+            (&good, &good_table, "UTC"),
+            (&misfit, &misfit_table, "UTC"),
+            (&unknown, &unknown_table, "UTC"),
+        ],
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the sink to load the new catalogue",
+        || {
+            let admin = sink.admin.clone();
+            async move {
+                (metric(
+                    &admin,
+                    "bq_sink_catalogue_reloads_total",
+                    &[("outcome", "applied")],
+                )
+                .await
+                    >= 1.0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let output = replay(&wiring, &["--reason", "unknown_stream"]);
+        assert!(output.contains("1 matched, 1 replayed"), "{output}");
+    }
+    let unknown_id = String::from_utf8(unknown_1.0.clone()).unwrap();
+    eventually(Duration::from_secs(60), "the replayed row", || {
+        let (servers, table) = (servers.clone(), unknown_table.clone());
+        async move { counts(&servers, &table).await.filter(|(n, _)| *n >= 1) }
+    })
+    .await;
+    // Give the second replay's copy time to be read and looked up, then check it was skipped.
+    eventually(
+        Duration::from_secs(30),
+        "the second replayed copy to be skipped",
+        || {
+            let admin = sink.admin.clone();
+            async move {
+                (metric(&admin, "bq_sink_duplicates_skipped_total", &[]).await >= 1.0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(counts(&servers, &unknown_table).await, Some((1, 1)));
+    assert_eq!(hit_ids(&servers, &unknown_table).await, [unknown_id]);
+}
+
+fn replay(wiring: &Wiring, args: &[&str]) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("bq-sink");
+    let output = std::process::Command::new(bin)
+        .arg("replay-dlq")
+        .args(args)
+        .env("HOOKPIPE_KAFKA_BROKERS", &wiring.servers.brokers)
+        .env("HOOKPIPE_TOPIC", &wiring.topic)
+        .env("HOOKPIPE_DLQ_TOPIC", &wiring.dlq_topic)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn hookpipe_tests_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_twice_gives_one_row() {
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("idem"));
+    let wiring = Wiring::new(write_catalogue(&[(&stream, &table, "UTC")]), 2).await;
+    let gateway = wiring.gateway(&[]).await;
+    let _sink = wiring.sink(SINK_TUNING).await;
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(format!("{}/ds/{stream}", gateway.url))
+            .header("idempotency-key", "order-N1-delivered")
+            .body("orderId=N1&status=delivered")
+            .send()
+    };
+    let first: serde_json::Value = send().await.unwrap().json().await.unwrap();
+    // The retry comes after the first is written, at a new offset.
+    eventually(Duration::from_secs(30), "the first row", || {
+        let (servers, table) = (wiring.servers.clone(), table.clone());
+        async move { counts(&servers, &table).await.filter(|(n, _)| *n >= 1) }
+    })
+    .await;
+    let second: serde_json::Value = send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["hit_id"], second["hit_id"]);
+    // And once more right away, so two copies may share a batch.
+    let third: serde_json::Value = send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["hit_id"], third["hit_id"]);
+    let acked = HashSet::from([first["hit_id"].as_str().unwrap().to_owned()]);
+    eventually(
+        Duration::from_secs(30),
+        "both retries to be consumed and skipped",
+        || {
+            let admin = _sink.admin.clone();
+            async move {
+                (metric(&admin, "bq_sink_duplicates_skipped_total", &[]).await >= 2.0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(30)).await;
+}
