@@ -47,6 +47,12 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_GROUP_ID", default_value = "bq-sink")]
     pub group_id: String,
 
+    /// How long the group waits for a sink that stopped heartbeating (crashed, partitioned)
+    /// before giving its partitions to the others (librdkafka `session.timeout.ms`; the
+    /// broker's group.min/max.session.timeout.ms bound it).
+    #[arg(long, env = "HOOKPIPE_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub session_timeout: Duration,
+
     /// Topic for records the sink cannot write (with the reason).
     #[arg(long, env = "HOOKPIPE_DLQ_TOPIC", default_value = "webhooks-dlq")]
     pub dlq_topic: String,

@@ -79,7 +79,17 @@ async fn main() -> anyhow::Result<()> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (config.session_timeout.as_millis() / 3)
+                .max(100)
+                .to_string(),
+        );
     config.kafka.apply_overrides(&mut consumer_config);
     // At-least-once depends on these; a pass-through property must not turn them off.
     consumer_config

@@ -12,7 +12,6 @@ use hookpipe_common::{Catalogue, TableRef};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -128,24 +127,6 @@ impl ConsumerContext for SinkContext {
             tracing::info!(?partitions, "partitions assigned");
         }
     }
-
-    /// The broker's answer to a commit: only a confirmed commit moves the point from which the
-    /// dedup window is counted.
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        let mut tracker = lock(&self.tracker);
-        for element in offsets.elements() {
-            if let Offset::Offset(offset) = element.offset() {
-                match (&result, element.error()) {
-                    (Ok(()), Ok(())) => tracker.committed(element.partition(), offset),
-                    _ => tracker.commit_failed(element.partition()),
-                }
-            }
-        }
-        if let Err(error) = result {
-            self.metrics.commits.with_label_values(&["error"]).inc();
-            tracing::warn!(%error, "offset commit failed, will retry");
-        }
-    }
 }
 
 pub type SinkConsumer = StreamConsumer<SinkContext>;
@@ -217,6 +198,7 @@ impl<W: Warehouse> Writer<W> {
             return Some(table);
         }
         self.metrics.flush(trigger.as_str());
+        tracing::debug!(%table, rows = items.len(), suspects = items.iter().filter(|i| i.suspect).count(), trigger = trigger.as_str(), "flushing");
         self.metrics.batch_rows.observe(items.len() as f64);
         self.metrics.batch_bytes.observe(batch.bytes as f64);
 
@@ -624,7 +606,7 @@ impl<W: Warehouse> Pipeline<W> {
                     }
                 }
                 _ = commit_tick.tick() => {
-                    self.commit(CommitMode::Async);
+                    self.commit().await;
                     self.resume_caught_up(&mut paused, pause_span);
                 }
                 // Keep polling while paused: paused partitions deliver nothing, but rebalance
@@ -644,7 +626,6 @@ impl<W: Warehouse> Pipeline<W> {
                         }
                         if span >= pause_span && paused.insert(partition) {
                             self.set_paused(Some(partition), true);
-                            self.commit(CommitMode::Async);
                         }
                         match row::place(value, &self.catalogue.current()) {
                             Ok(placed) => {
@@ -671,7 +652,9 @@ impl<W: Warehouse> Pipeline<W> {
                         }
                     }
                     Err(error) => {
+                        // Broker trouble: librdkafka reconnects by itself; do not spin on it.
                         tracing::warn!(%error, "kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 },
             }
@@ -710,7 +693,7 @@ impl<W: Warehouse> Pipeline<W> {
             abort.cancel();
             while tasks.join_next().await.is_some() {}
         }
-        self.commit(CommitMode::Sync);
+        self.commit().await;
         tracing::info!("sink drained");
     }
 
@@ -733,7 +716,10 @@ impl<W: Warehouse> Pipeline<W> {
         }
     }
 
-    fn commit(&self, mode: CommitMode) {
+    /// Commits what is safe, synchronously (off the runtime), so that only a commit the broker
+    /// confirmed moves the point the dedup window is counted from. (An async commit's result
+    /// would come through the commit callback, which the stream consumer does not serve.)
+    async fn commit(&self) {
         let offsets = lock(&self.writer.tracker).to_commit();
         if offsets.is_empty() {
             return;
@@ -742,16 +728,29 @@ impl<W: Warehouse> Pipeline<W> {
         for (p, o) in &offsets {
             let _ = tpl.add_partition_offset(&self.writer.topic, *p, Offset::Offset(*o));
         }
-        // Confirmation arrives through `SinkContext::commit_callback`.
-        match self.consumer.commit(&tpl, mode) {
-            Ok(()) => self.writer.metrics.commits.with_label_values(&["ok"]).inc(),
+        let consumer = self.consumer.clone();
+        let result = match tokio::task::spawn_blocking(move || {
+            consumer.commit(&tpl, CommitMode::Sync)
+        })
+        .await
+        {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        let mut tracker = lock(&self.writer.tracker);
+        match result {
+            Ok(()) => {
+                self.writer.metrics.commits.with_label_values(&["ok"]).inc();
+                for (p, o) in offsets {
+                    tracker.committed(p, o);
+                }
+            }
             Err(error) => {
                 self.writer
                     .metrics
                     .commits
                     .with_label_values(&["error"])
                     .inc();
-                let mut tracker = lock(&self.writer.tracker);
                 for (p, _) in offsets {
                     tracker.commit_failed(p);
                 }

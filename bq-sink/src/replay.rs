@@ -86,7 +86,7 @@ pub async fn run(
 ) -> Result<Summary, String> {
     let mut consumer_config = base.clone();
     consumer_config
-        .set("group.id", format!("bq-sink-replay-{}", Uuid::new_v4()))
+        .set("group.id", format!("bq-sink-replay-{}", Uuid::now_v7()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
     let consumer: StreamConsumer = consumer_config.create().map_err(|e| e.to_string())?;

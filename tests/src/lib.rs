@@ -131,7 +131,10 @@ impl Proc {
         let child = Command::new(binary(binary_name))
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("HOOKPIPE_LOG", "info,rdkafka=warn")
+            .env(
+                "HOOKPIPE_LOG",
+                std::env::var("HOOKPIPE_TEST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)

@@ -72,12 +72,17 @@ async fn kill_9_of_the_sink_at_random_moments_loses_and_duplicates_nothing() {
         async move { send_hits(&url, &stream, 3000, 6, Duration::from_millis(5)).await }
     });
     for round in 0..4 {
-        // A random moment: 300 to 1800 ms into this sink's life.
+        // Once this sink is writing, a random moment up to 1.5 s later.
+        eventually(Duration::from_secs(60), "the sink to write rows", || {
+            let admin = sink.admin.clone();
+            async move { (metric(&admin, "bq_sink_rows_written_total", &[]).await > 0.0).then_some(()) }
+        })
+        .await;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        tokio::time::sleep(Duration::from_millis(300 + u64::from(nanos % 1500))).await;
+        tokio::time::sleep(Duration::from_millis(u64::from(nanos % 1500))).await;
         let written = metric(&sink.admin, "bq_sink_rows_written_total", &[]).await;
         sink.proc.kill9();
         eprintln!("round {round}: killed the sink after it wrote {written} rows");
