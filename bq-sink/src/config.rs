@@ -53,6 +53,14 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub session_timeout: Duration,
 
+    /// How partitions are shared among sink replicas (librdkafka
+    /// `partition.assignment.strategy`). `cooperative-sticky` rebalances incrementally and
+    /// suits a real Kafka cluster; the default eager `roundrobin` is what the tansu broker
+    /// handles correctly after a member crashes (with `cooperative-sticky` tansu leaves a dead
+    /// member's partitions unassigned).
+    #[arg(long, env = "HOOKPIPE_ASSIGNMENT_STRATEGY", default_value = "roundrobin", value_parser = ["range", "roundrobin", "cooperative-sticky"])]
+    pub assignment_strategy: String,
+
     /// Topic for records the sink cannot write (with the reason).
     #[arg(long, env = "HOOKPIPE_DLQ_TOPIC", default_value = "webhooks-dlq")]
     pub dlq_topic: String,

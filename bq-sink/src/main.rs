@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("partition.assignment.strategy", &config.assignment_strategy)
         .set("statistics.interval.ms", "5000")
         .set(
             "session.timeout.ms",
