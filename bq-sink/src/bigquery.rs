@@ -90,6 +90,7 @@ pub fn existing_hit_ids_sql(
 ) -> String {
     let dates = dates
         .iter()
+        .filter(|d| in_date_range(d))
         .map(|d| format!("DATE '{d}'"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -100,6 +101,12 @@ pub fn existing_hit_ids_sql(
         .collect::<Vec<_>>()
         .join(", ");
     format!("SELECT DISTINCT hit_id FROM `{table}` WHERE date IN ({dates}) AND hit_id IN ({ids})")
+}
+
+/// Whether BigQuery's DATE type can hold `date` (years 1 to 9999). A row outside cannot be in
+/// any table, and a query naming such a date fails.
+pub fn in_date_range(date: &NaiveDate) -> bool {
+    (1..=9999).contains(&chrono::Datelike::year(date))
 }
 
 /// The columns of every stream table, exactly as DESIGN.md fixes them.
@@ -329,7 +336,7 @@ impl Warehouse for BigQuery {
         dates: &BTreeSet<NaiveDate>,
         hit_ids: &[&str],
     ) -> Result<HashSet<String>, WriteError> {
-        if hit_ids.is_empty() || dates.is_empty() {
+        if hit_ids.is_empty() || !dates.iter().any(in_date_range) {
             return Ok(HashSet::new());
         }
         let mut request = QueryRequest::new(existing_hit_ids_sql(table, dates, hit_ids));
@@ -373,6 +380,8 @@ mod tests {
     fn suspect_lookup_reads_only_their_partitions() {
         let table: TableRef = "p.d.t".parse().unwrap();
         let dates = BTreeSet::from([NaiveDate::from_ymd_opt(2020, 10, 19).unwrap()]);
+        let mut dates = dates;
+        dates.insert(NaiveDate::from_ymd_opt(11476, 5, 1).unwrap());
         let sql = existing_hit_ids_sql(
             &table,
             &dates,

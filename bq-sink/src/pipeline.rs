@@ -268,7 +268,10 @@ impl<W: Warehouse> Writer<W> {
                 }
                 Err(error) => {
                     self.metrics.write_error(error.kind());
-                    if !self.pause(table, &error, &mut attempt, cancel).await {
+                    if !self
+                        .pause("ensure", table, &error, &mut attempt, cancel)
+                        .await
+                    {
                         return false;
                     }
                 }
@@ -303,7 +306,10 @@ impl<W: Warehouse> Writer<W> {
                     }
                     Err(error) => {
                         self.metrics.write_error("dedup_lookup");
-                        if !self.pause(table, &error, &mut attempt, cancel).await {
+                        if !self
+                            .pause("lookup", table, &error, &mut attempt, cancel)
+                            .await
+                        {
                             return None;
                         }
                     }
@@ -387,9 +393,7 @@ impl<W: Warehouse> Writer<W> {
                 // A server error while the table itself answers means one of these rows is
                 // bad (the emulator's way of rejecting a row): split to find it. A single row
                 // that fails like that `POISON_STRIKES` times is dead-lettered.
-                Err(WriteError::ServerError(detail))
-                    if self.warehouse.ensure_table(table).await.is_ok() =>
-                {
+                Err(WriteError::ServerError(detail)) if self.table_answers(table).await => {
                     self.metrics.write_error("server_error");
                     if slice.len() > 1 {
                         let mid = range.start + slice.len() / 2;
@@ -416,6 +420,7 @@ impl<W: Warehouse> Writer<W> {
                     }
                     if !self
                         .pause(
+                            "insert",
                             table,
                             &WriteError::ServerError(detail),
                             &mut attempt,
@@ -436,13 +441,30 @@ impl<W: Warehouse> Writer<W> {
                             lock(&self.ready_tables).insert(table.clone());
                         }
                     }
-                    if !self.pause(table, &error, &mut attempt, cancel).await {
+                    if !self
+                        .pause("insert", table, &error, &mut attempt, cancel)
+                        .await
+                    {
                         return;
                     }
                     work.push(range);
                 }
             }
         }
+    }
+
+    /// Whether BigQuery answers for the table right now. Asked twice: a server that just
+    /// answered 500 may have closed the pooled connection the first probe reuses.
+    async fn table_answers(&self, table: &TableRef) -> bool {
+        for _ in 0..2 {
+            match self.warehouse.ensure_table(table).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::debug!(%table, %error, "table probe after a server error failed")
+                }
+            }
+        }
+        false
     }
 
     fn written(&self, slice: &[Item]) {
@@ -471,6 +493,7 @@ impl<W: Warehouse> Writer<W> {
     /// Waits before a retry. False if cancelled meanwhile.
     async fn pause(
         &self,
+        phase: &'static str,
         table: &TableRef,
         error: &WriteError,
         attempt: &mut u32,
@@ -479,7 +502,7 @@ impl<W: Warehouse> Writer<W> {
         let delay = self.backoff.delay(*attempt);
         *attempt += 1;
         self.metrics.retries.inc();
-        tracing::warn!(%table, attempt = *attempt, delay_ms = delay.as_millis() as u64, %error, "bigquery call failed, retrying");
+        tracing::warn!(%table, phase, attempt = *attempt, delay_ms = delay.as_millis() as u64, %error, "bigquery call failed, retrying");
         tokio::select! {
             () = tokio::time::sleep(delay) => true,
             () = cancel.cancelled() => false,
