@@ -55,10 +55,10 @@ pub struct Config {
 
     /// How partitions are shared among sink replicas (librdkafka
     /// `partition.assignment.strategy`). `cooperative-sticky` rebalances incrementally and
-    /// suits a real Kafka cluster; the default eager `roundrobin` is what the tansu broker
-    /// handles correctly after a member crashes (with `cooperative-sticky` tansu leaves a dead
-    /// member's partitions unassigned).
-    #[arg(long, env = "HOOKPIPE_ASSIGNMENT_STRATEGY", default_value = "roundrobin", value_parser = ["range", "roundrobin", "cooperative-sticky"])]
+    /// suits a real Kafka cluster. The default, eager `range`, is the one the tansu broker
+    /// handles reliably: with `cooperative-sticky` it leaves a crashed member's partitions
+    /// unassigned, and with `roundrobin` two members can rebalance without end.
+    #[arg(long, env = "HOOKPIPE_ASSIGNMENT_STRATEGY", default_value = "range", value_parser = ["range", "roundrobin", "cooperative-sticky"])]
     pub assignment_strategy: String,
 
     /// Topic for records the sink cannot write (with the reason).

@@ -26,6 +26,8 @@ struct PartitionState {
     requested: Option<i64>,
     /// Offsets below this are suspect: possibly written by a previous owner.
     suspect_until: Option<i64>,
+    /// Whether consumption of the partition is paused (as last applied to the consumer).
+    paused: bool,
 }
 
 #[derive(Debug, Default)]
@@ -143,6 +145,38 @@ impl OffsetTracker {
             .unwrap_or(0)
     }
 
+    /// Which partitions to pause and to resume now. A partition pauses when it runs
+    /// `pause_span` records past its confirmed commit, or when `all` (too much buffered
+    /// overall), and resumes once both clear (its span back under half of `pause_span`). Marks
+    /// the change as applied; call `set_paused` to undo one the consumer refused.
+    pub fn pause_changes(&mut self, all: bool, pause_span: i64) -> (Vec<i32>, Vec<i32>) {
+        let (mut pause, mut resume) = (Vec::new(), Vec::new());
+        for (p, s) in &mut self.partitions {
+            let span = match (s.next, s.committed) {
+                (Some(n), Some(c)) => n - c,
+                _ => 0,
+            };
+            let want = all || span >= pause_span || (s.paused && span > pause_span / 2);
+            if want != s.paused {
+                s.paused = want;
+                if want {
+                    pause.push(*p)
+                } else {
+                    resume.push(*p)
+                }
+            }
+        }
+        pause.sort_unstable();
+        resume.sort_unstable();
+        (pause, resume)
+    }
+
+    pub fn set_paused(&mut self, partition: i32, paused: bool) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.paused = paused;
+        }
+    }
+
     /// Records in flight, across partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|s| s.pending.len()).sum()
@@ -198,6 +232,41 @@ mod tests {
         assert_eq!(t.span(0), 10, "requested is not confirmed");
         t.committed(0, 10);
         assert_eq!(t.span(0), 0);
+    }
+
+    #[test]
+    fn partitions_pause_past_the_span_and_resume_at_half() {
+        let mut t = OffsetTracker::new(1000);
+        t.assign(1);
+        for o in 0..10 {
+            t.consumed(0, o);
+        }
+        assert_eq!(t.pause_changes(false, 10), (vec![0], vec![]));
+        assert_eq!(t.pause_changes(false, 10), (vec![], vec![]), "applied once");
+        for o in 0..10 {
+            t.done(0, o);
+        }
+        t.committed(0, 4);
+        assert_eq!(
+            t.pause_changes(false, 10),
+            (vec![], vec![]),
+            "span 6 is above half"
+        );
+        t.committed(0, 6);
+        assert_eq!(t.pause_changes(false, 10), (vec![], vec![0]));
+        assert_eq!(
+            t.pause_changes(true, 10),
+            (vec![0, 1], vec![]),
+            "all pause on memory pressure"
+        );
+        assert_eq!(t.pause_changes(false, 10), (vec![], vec![0, 1]));
+        t.revoke(0);
+        t.assign(0);
+        assert_eq!(
+            t.pause_changes(false, 10),
+            (vec![], vec![]),
+            "a new assignment starts unpaused"
+        );
     }
 
     #[test]

@@ -117,12 +117,17 @@ impl ConsumerContext for SinkContext {
         tracing::info!(partitions = ?partitions, "partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(assigned) = rebalance {
             let mut tracker = lock(&self.tracker);
             let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
             for p in &partitions {
                 tracker.assign(*p);
+            }
+            // A partition may come back with the pause flag of its previous assignment;
+            // the tracker starts it unpaused, so the consumer must too.
+            if let Err(error) = consumer.resume(assigned) {
+                tracing::warn!(%error, "resuming newly assigned partitions failed");
             }
             tracing::info!(?partitions, "partitions assigned");
         }
@@ -595,8 +600,7 @@ impl<W: Warehouse> Pipeline<W> {
         let mut tasks: JoinSet<Finished> = JoinSet::new();
         // Cancelled only when the drain timeout runs out.
         let abort = CancellationToken::new();
-        let mut paused_all = false;
-        let mut paused: HashSet<i32> = HashSet::new();
+        let mut memory_pause = false;
         let pause_span = i64::try_from(self.window / 2).unwrap_or(i64::MAX).max(1);
         let mut commit_tick = tokio::time::interval(Duration::from_millis(500));
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -604,10 +608,12 @@ impl<W: Warehouse> Pipeline<W> {
         loop {
             let in_flight = lock(&self.writer.tracker).in_flight();
             metrics.buffered_rows.set(in_flight as i64);
-            if !paused_all && in_flight >= self.max_buffered {
-                paused_all = self.set_paused(None, true);
-            } else if paused_all && in_flight <= self.max_buffered / 2 {
-                paused_all = !self.set_paused(None, false);
+            // Too much buffered: pause everything until half of it is written.
+            let was = memory_pause;
+            memory_pause = in_flight >= self.max_buffered
+                || (memory_pause && in_flight > self.max_buffered / 2);
+            if memory_pause != was {
+                self.apply_pauses(memory_pause, pause_span);
             }
             let deadline = batches.next_deadline(&limits, &busy).map(Instant::from_std);
             tokio::select! {
@@ -630,7 +636,7 @@ impl<W: Warehouse> Pipeline<W> {
                 }
                 _ = commit_tick.tick() => {
                     self.commit().await;
-                    self.resume_caught_up(&mut paused, pause_span);
+                    self.apply_pauses(memory_pause, pause_span);
                 }
                 // Keep polling while paused: paused partitions deliver nothing, but rebalance
                 // callbacks and group heartbeats are served by the poll.
@@ -643,12 +649,10 @@ impl<W: Warehouse> Pipeline<W> {
                             let mut tracker = lock(&self.writer.tracker);
                             (tracker.consumed(partition, offset), tracker.span(partition))
                         };
-                        if paused_all {
-                            // A newly assigned partition is not paused yet.
-                            self.set_paused(None, true);
-                        }
-                        if span >= pause_span && paused.insert(partition) {
-                            self.set_paused(Some(partition), true);
+                        if span >= pause_span || memory_pause {
+                            // Past the window, or a newly assigned partition under memory
+                            // pressure: pause it now rather than at the next tick.
+                            self.apply_pauses(memory_pause, pause_span);
                         }
                         match row::place(value, &self.catalogue.current()) {
                             Ok(placed) => {
@@ -782,60 +786,36 @@ impl<W: Warehouse> Pipeline<W> {
         }
     }
 
-    /// Resumes partitions that fell back within a quarter of the window of their commit.
-    fn resume_caught_up(&self, paused: &mut HashSet<i32>, pause_span: i64) {
-        let caught_up: Vec<i32> = {
-            let tracker = lock(&self.writer.tracker);
-            paused
-                .iter()
-                .copied()
-                .filter(|p| !tracker.owns(*p) || tracker.span(*p) <= pause_span / 2)
-                .collect()
-        };
-        for p in caught_up {
-            paused.remove(&p);
-            self.set_paused(Some(p), false);
-        }
-    }
-
-    /// Pauses or resumes one assigned partition, or all. Returns whether it took effect.
-    fn set_paused(&self, partition: Option<i32>, pause: bool) -> bool {
-        let assignment = match self.consumer.assignment() {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read assignment");
-                return false;
+    /// Brings the consumer's paused partitions in line with the tracker: pause partitions
+    /// that ran too far past their confirmed commit (or all, when too much is buffered),
+    /// resume those that caught up.
+    fn apply_pauses(&self, all: bool, pause_span: i64) {
+        let (pause, resume) = lock(&self.writer.tracker).pause_changes(all, pause_span);
+        for (partitions, paused) in [(pause, true), (resume, false)] {
+            if partitions.is_empty() {
+                continue;
             }
-        };
-        let tpl = match partition {
-            None => assignment,
-            Some(p) => {
-                let mut tpl = TopicPartitionList::new();
-                if assignment.find_partition(&self.writer.topic, p).is_none() {
-                    return false;
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition(&self.writer.topic, *p);
+            }
+            let result = if paused {
+                self.consumer.pause(&tpl)
+            } else {
+                self.consumer.resume(&tpl)
+            };
+            match result {
+                Ok(()) => tracing::debug!(?partitions, paused, "consumption paused/resumed"),
+                Err(error) => {
+                    tracing::warn!(%error, ?partitions, paused, "pause/resume failed, will retry");
+                    let mut tracker = lock(&self.writer.tracker);
+                    for p in partitions {
+                        tracker.set_paused(p, !paused);
+                    }
                 }
-                tpl.add_partition(&self.writer.topic, p);
-                tpl
-            }
-        };
-        let result = if pause {
-            self.consumer.pause(&tpl)
-        } else {
-            self.consumer.resume(&tpl)
-        };
-        match result {
-            Ok(()) => {
-                if partition.is_none() {
-                    self.writer.metrics.paused.set(i64::from(pause));
-                }
-                tracing::debug!(?partition, pause, "consumption paused/resumed");
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "pause/resume failed");
-                false
             }
         }
+        self.writer.metrics.paused.set(i64::from(all));
     }
 }
 

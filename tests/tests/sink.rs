@@ -51,7 +51,6 @@ async fn assert_exactly_once(
 /// Small batches and a small dedup window, so commits, pauses and suspect lookups all happen
 /// within a short test.
 const SINK_TUNING: &[(&str, &str)] = &[
-    ("HOOKPIPE_SESSION_TIMEOUT", "2s"),
     ("HOOKPIPE_BATCH_MAX_ROWS", "50"),
     ("HOOKPIPE_BATCH_MAX_AGE", "200ms"),
     ("HOOKPIPE_DEDUP_WINDOW", "400"),
@@ -66,7 +65,13 @@ async fn kill_9_of_the_sink_at_random_moments_loses_and_duplicates_nothing() {
     let catalogue = write_catalogue(&[(&stream, &table, "+03:00")]);
     let wiring = Wiring::new(catalogue, 3).await;
     let gateway = wiring.gateway(&[]).await;
-    let mut sink = wiring.sink(SINK_TUNING).await;
+    // A short session timeout, so the group notices each crash quickly.
+    let tuning: Vec<(&str, &str)> = SINK_TUNING
+        .iter()
+        .copied()
+        .chain([("HOOKPIPE_SESSION_TIMEOUT", "2s")])
+        .collect();
+    let mut sink = wiring.sink(&tuning).await;
 
     let load = tokio::spawn({
         let (url, stream) = (gateway.url.clone(), stream.clone());
@@ -91,7 +96,7 @@ async fn kill_9_of_the_sink_at_random_moments_loses_and_duplicates_nothing() {
         // restarted pod would come back; the tansu coordinator does not reassign a crashed
         // member's partitions to a member that joined before the crash was noticed.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        sink = wiring.sink(SINK_TUNING).await;
+        sink = wiring.sink(&tuning).await;
     }
     let acked = load.await.unwrap();
     assert_eq!(acked.len(), 3000);
