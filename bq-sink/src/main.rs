@@ -17,10 +17,9 @@ use bq_sink::pipeline::{Backoff, Pipeline, SinkConsumer, SinkContext, Writer};
 use bq_sink::replay;
 use clap::Parser;
 use hookpipe_common::Catalogue;
-use hookpipe_common::admin::{self, Readiness};
+use hookpipe_common::admin::{self, AdminServer};
 use hookpipe_common::catalogue::{Shared, watch_catalogue};
 use rdkafka::consumer::Consumer;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -109,17 +108,9 @@ async fn main() -> anyhow::Result<()> {
     let consumer = Arc::new(consumer);
 
     let cancel = CancellationToken::new();
-    let admin_cancel = CancellationToken::new();
     hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
-    let ready = Readiness::default();
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding admin address {}", config.admin_listen))?;
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        admin::router(metrics.registry.clone(), ready.clone()),
-        admin_cancel.clone(),
-    ));
+    let admin = AdminServer::start(config.admin_listen, metrics.registry.clone()).await?;
+    let ready = admin.ready.clone();
     tracing::info!(admin = %config.admin_listen, topic = %config.kafka.topic, group = %config.group_id, "consuming");
 
     tokio::spawn({
@@ -178,8 +169,7 @@ async fn main() -> anyhow::Result<()> {
     pipeline.run(cancel.clone()).await;
     ready.set(false);
     dead_letters.flush(Duration::from_secs(5));
-    admin_cancel.cancel();
-    admin_task.await??;
+    admin.stop().await?;
     tracing::info!("bq-sink stopped");
     Ok(())
 }

@@ -134,3 +134,38 @@ pub async fn readiness_loop<C, A>(
     }
     ready.set(false);
 }
+
+/// A running admin server. It is stopped last, after the main work drained, so probes and
+/// scrapes keep answering during shutdown.
+pub struct AdminServer {
+    pub ready: Readiness,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and serves the admin routes for `registry` (readiness starts false).
+    pub async fn start(addr: std::net::SocketAddr, registry: Registry) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("binding admin address {addr}: {e}"))
+        })?;
+        let ready = Readiness::default();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            router(registry, ready.clone()),
+            cancel.clone(),
+        ));
+        Ok(Self {
+            ready,
+            cancel,
+            task,
+        })
+    }
+
+    pub async fn stop(self) -> std::io::Result<()> {
+        self.ready.set(false);
+        self.cancel.cancel();
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}

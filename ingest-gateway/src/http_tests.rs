@@ -316,16 +316,7 @@ async fn metrics_count_requests_by_stream_and_status() {
     let st = state(rec, 10);
     call(st.clone(), post(&format!("/ds/{STREAM}"), "a=1")).await;
     call(st.clone(), post("/ds/not-a-uuid", "a=1")).await;
-    let text = {
-        let mut out = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &st.metrics.registry.gather(),
-            &mut out,
-        )
-        .unwrap();
-        String::from_utf8(out).unwrap()
-    };
+    let text = metrics_text(&st);
     assert!(
         text.contains(&format!(
             "ingest_gateway_http_requests_total{{status=\"202\",stream=\"{STREAM}\"}} 1"
@@ -428,16 +419,7 @@ async fn hmac_stream_checks_the_signature_through_the_router() {
         )
     );
     assert_eq!(rec.sent.lock().unwrap().len(), 1);
-    let text = {
-        let mut out = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &st.metrics.registry.gather(),
-            &mut out,
-        )
-        .unwrap();
-        String::from_utf8(out).unwrap()
-    };
+    let text = metrics_text(&st);
     assert!(text.contains(&format!("ingest_gateway_auth_failures_total{{reason=\"invalid_signature\",stream=\"{stream}\"}} 1")), "{text}");
     assert!(
         text.contains(&format!(
@@ -458,4 +440,15 @@ fn a_catalogue_naming_an_unreadable_secret_is_refused() {
         "{error}"
     );
     assert!(error.contains(STREAM), "{error}");
+}
+
+fn metrics_text(st: &AppState<Recorder>) -> String {
+    let mut out = Vec::new();
+    prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &st.metrics.registry.gather(),
+        &mut out,
+    )
+    .unwrap();
+    String::from_utf8(out).unwrap()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use hookpipe_common::Catalogue;
-use hookpipe_common::admin::{self, Readiness};
+use hookpipe_common::admin::{self, AdminServer};
 use hookpipe_common::catalogue::{Shared, watch_catalogue};
 use ingest_gateway::config::Config;
 use ingest_gateway::http::{AppState, GatewayStreams, Limits, app};
@@ -51,23 +51,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let cancel = CancellationToken::new();
-    let admin_cancel = CancellationToken::new();
     hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
-    let ready = Readiness::default();
-
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding admin address {}", config.admin_listen))?;
+    let admin = AdminServer::start(config.admin_listen, metrics.registry.clone()).await?;
+    let ready = admin.ready.clone();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding webhook address {}", config.listen))?;
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, "listening");
-
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        admin::router(metrics.registry.clone(), ready.clone()),
-        admin_cancel.clone(),
-    ));
 
     tokio::spawn({
         let (streams, metrics, cancel) = (streams.clone(), metrics.clone(), cancel.clone());
@@ -143,8 +133,7 @@ async fn main() -> anyhow::Result<()> {
     if let Err(error) = flush {
         tracing::error!(%error, "producer flush did not complete");
     }
-    admin_cancel.cancel();
-    admin_task.await??;
+    admin.stop().await?;
     tracing::info!("ingest-gateway stopped");
     serve_result
 }

@@ -479,24 +479,79 @@ async fn read_topic(
     }
 }
 
-/// A tansu broker of the test's own, which the test may stop and start again (same port,
-/// same storage) without disturbing other tests.
-pub struct PrivateBroker {
-    pub port: u16,
+/// A server a test owns and may stop and start again with the same data directory. Each run
+/// logs to its own file; the directory is removed unless the test failed.
+struct Restartable {
+    name: &'static str,
     dir: PathBuf,
     runs: u32,
     proc: Option<Proc>,
 }
 
-impl PrivateBroker {
-    pub async fn start() -> Self {
-        let dir = std::env::temp_dir().join(unique("hookpipe-broker"));
+impl Restartable {
+    fn new(name: &'static str) -> Self {
+        let dir = std::env::temp_dir().join(unique(&format!("hookpipe-{name}")));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut broker = Self {
-            port: free_port(),
+        Self {
+            name,
             dir,
             runs: 0,
             proc: None,
+        }
+    }
+
+    /// Starts `program` with `args` in the data directory.
+    fn run(&mut self, program: &str, args: &[String]) {
+        self.runs += 1;
+        let log = self.dir.join(format!("{}.{}.log", self.name, self.runs));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(program)
+            .current_dir(&self.dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc {
+            name: format!("private {}, run {}", self.name, self.runs),
+            child: Some(child),
+            log,
+        });
+    }
+}
+
+impl Drop for Restartable {
+    fn drop(&mut self) {
+        // Dropping the Proc kills it and prints its log tail when the test failed.
+        self.proc.take();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+async fn wait_listening(port: u16, what: &str) {
+    let addr = format!("127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), what, || {
+        let addr = addr.clone();
+        async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+    })
+    .await;
+}
+
+/// A tansu broker of the test's own, which the test may stop and start again (same port,
+/// same storage) without disturbing other tests.
+pub struct PrivateBroker {
+    pub port: u16,
+    server: Restartable,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> Self {
+        let mut broker = Self {
+            port: free_port(),
+            server: Restartable::new("broker"),
         };
         broker.resume().await;
         broker
@@ -508,7 +563,7 @@ impl PrivateBroker {
 
     /// Kills the broker (SIGKILL, like a crashed node).
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
+        if let Some(mut p) = self.server.proc.take() {
             p.kill9();
         }
     }
@@ -518,51 +573,17 @@ impl PrivateBroker {
         let tansu = std::env::var("HOOKPIPE_TEST_TANSU")
             .expect("HOOKPIPE_TEST_TANSU: run through scripts/test");
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let dir = self.dir.clone();
-        self.runs += 1;
-        let log = dir.join(format!("broker.{}.log", self.runs));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(tansu)
-            .current_dir(&dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        self.proc = Some(Proc {
-            name: format!("private broker, run {}", self.runs),
-            child: Some(child),
-            log,
-        });
-        let addr = format!("127.0.0.1:{}", self.port);
-        eventually(
-            Duration::from_secs(20),
-            "the private broker to listen",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
-        .await;
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        // Dropping the Proc prints its log tail when the test failed.
-        self.stop();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        let args = [
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ];
+        self.server.run(&tansu, &args.map(String::from));
+        wait_listening(self.port, "the private broker to listen").await;
     }
 }
 
@@ -675,22 +696,17 @@ pub async fn hit_ids(servers: &Servers, table: &str) -> Vec<String> {
 pub struct PrivateEmulator {
     pub rest_port: u16,
     grpc_port: u16,
-    dir: PathBuf,
-    runs: u32,
-    proc: Option<Proc>,
+    server: Restartable,
 }
 
 impl PrivateEmulator {
     pub async fn start() -> Self {
-        let dir = std::env::temp_dir().join(unique("hookpipe-emulator"));
-        std::fs::create_dir_all(dir.join("data")).unwrap();
         let mut emulator = Self {
             rest_port: free_port(),
             grpc_port: free_port(),
-            dir,
-            runs: 0,
-            proc: None,
+            server: Restartable::new("emulator"),
         };
+        std::fs::create_dir_all(emulator.server.dir.join("data")).unwrap();
         emulator.resume().await;
         emulator
     }
@@ -701,46 +717,35 @@ impl PrivateEmulator {
 
     /// Stops the emulator (SIGTERM, then waits).
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
+        if let Some(mut p) = self.server.proc.take() {
             let _ = p.terminate(Duration::from_secs(20));
         }
     }
 
+    /// Starts it again on the same ports with the same data.
     pub async fn resume(&mut self) {
         let bin = std::env::var("HOOKPIPE_TEST_BQEMU")
             .expect("HOOKPIPE_TEST_BQEMU: run through scripts/test");
-        self.runs += 1;
-        let log = self.dir.join(format!("emulator.{}.log", self.runs));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .args([
-                "start",
-                "--rest-host",
-                "127.0.0.1",
-                "--rest-port",
-                &self.rest_port.to_string(),
-                "--grpc-host",
-                "127.0.0.1",
-                "--grpc-port",
-                &self.grpc_port.to_string(),
-                "--project",
-                "local-project",
-                "--persistent",
-                "--data-dir",
-                &self.dir.join("data").display().to_string(),
-                "--log-level",
-                "warning",
-            ])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        self.proc = Some(Proc {
-            name: format!("private emulator, run {}", self.runs),
-            child: Some(child),
-            log,
-        });
+        let (rest, grpc) = (self.rest_port.to_string(), self.grpc_port.to_string());
+        let args = [
+            "start",
+            "--rest-host",
+            "127.0.0.1",
+            "--rest-port",
+            &rest,
+            "--grpc-host",
+            "127.0.0.1",
+            "--grpc-port",
+            &grpc,
+            "--project",
+            "local-project",
+            "--persistent",
+            "--data-dir",
+            "data",
+            "--log-level",
+            "warning",
+        ];
+        self.server.run(&bin, &args.map(String::from));
         let url = format!("{}/readyz", self.rest());
         eventually(
             Duration::from_secs(60),
@@ -757,17 +762,6 @@ impl PrivateEmulator {
             },
         )
         .await;
-    }
-}
-
-impl Drop for PrivateEmulator {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill9();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
