@@ -47,6 +47,11 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub publish_timeout: Duration,
 
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection is kept; then the connection is closed (slow-header protection).
+    #[arg(long, env = "HOOKPIPE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// How long a sender may take to send its body before it gets 408.
     #[arg(long, env = "HOOKPIPE_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
@@ -93,6 +98,9 @@ impl Config {
                 "HOOKPIPE_MAX_BODY_BYTES above 8 MiB cannot be written to BigQuery in one request"
                     .into(),
             );
+        }
+        if self.header_timeout < Duration::from_millis(100) {
+            return Err("HOOKPIPE_HEADER_TIMEOUT must be at least 100ms".into());
         }
         if self.max_in_flight == 0 {
             return Err("HOOKPIPE_MAX_IN_FLIGHT must be at least 1".into());

@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod publisher;
+pub mod server;
 
 #[cfg(test)]
 mod http_tests;

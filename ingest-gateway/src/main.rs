@@ -104,26 +104,17 @@ async fn main() -> anyhow::Result<()> {
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         idempotency_header: config.idempotency_header.parse()?,
     });
-    let server = axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown({
-        let (cancel, ready) = (cancel.clone(), ready.clone());
-        async move {
-            cancel.cancelled().await;
-            // Readiness off first, so load balancers stop sending while in-flight requests end.
-            ready.set(false);
-        }
-    });
+    // Readiness turns off as soon as `cancel` fires (the readiness loop ends), so load
+    // balancers stop sending while the requests in flight finish.
     let drain_timeout = config.drain_timeout;
-    let serve_result = tokio::select! {
-        result = server => result.context("webhook server"),
-        () = async { cancel.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
-            tracing::warn!("drain timeout reached with requests still in flight");
-            Ok(())
-        }
-    };
+    ingest_gateway::server::serve(
+        listener,
+        app(state),
+        config.header_timeout,
+        cancel.clone(),
+        drain_timeout,
+    )
+    .await;
     tracing::info!("webhook server stopped, flushing the producer");
     let flush = tokio::task::spawn_blocking({
         let publisher = publisher.clone();
@@ -135,5 +126,5 @@ async fn main() -> anyhow::Result<()> {
     }
     admin.stop().await?;
     tracing::info!("ingest-gateway stopped");
-    serve_result
+    Ok(())
 }

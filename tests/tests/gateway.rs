@@ -406,3 +406,51 @@ async fn a_catalogue_change_applies_while_requests_flow() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn slow_or_silent_clients_are_cut_off_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let wiring = Wiring::new(examples(), 1).await;
+    let gateway = wiring.gateway(&[("HOOKPIPE_HEADER_TIMEOUT", "1s")]).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    // One trickles half a request line and stops; one connects and says nothing.
+    let mut trickler = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickler
+        .write_all(format!("POST /ds/{STREAM} HTTP/1.1\r\nHost: x\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for (name, stream) in [("trickling", &mut trickler), ("silent", &mut silent)] {
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        // The server closes the connection (EOF or reset), possibly after a 408.
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(outcome.is_ok(), "{name} connection still open after 10 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name}: closed only after {:?}",
+            started.elapsed()
+        );
+    }
+    // The gateway still serves others.
+    let client = reqwest::Client::new();
+    assert_eq!(
+        post(
+            &client,
+            &format!("{}/ds/{STREAM}", gateway.url),
+            "text/plain",
+            b"a=1".to_vec()
+        )
+        .await
+        .0,
+        202
+    );
+}
