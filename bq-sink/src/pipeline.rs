@@ -39,8 +39,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// Consumer callbacks: keeps the offset tracker in step with partition ownership and with the
-/// broker's commit confirmations, and exports consumer lag from librdkafka's statistics.
+/// Consumer callbacks: keeps the offset tracker in step with partition ownership and exports
+/// consumer lag from librdkafka's statistics.
 pub struct SinkContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub metrics: Arc<Metrics>,
