@@ -116,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn({
         let metrics = metrics.clone();
         watch_catalogue(
-            catalogue_path,
+            catalogue_path.clone(),
             config.catalogue_reload_interval,
             catalogue.clone(),
             cancel.clone(),
@@ -162,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
             ready_tables: Mutex::new(HashSet::new()),
         }),
         catalogue,
+        catalogue_path,
         max_buffered: config.max_buffered_rows,
         window: config.dedup_window,
         drain_timeout: config.drain_timeout,

@@ -578,6 +578,9 @@ pub struct Pipeline<W> {
     pub consumer: Arc<SinkConsumer>,
     pub writer: Arc<Writer<W>>,
     pub catalogue: Arc<Shared<Catalogue>>,
+    /// The catalogue file, re-read at once when a record names a stream the catalogue in
+    /// force does not know (it may have been added since the last reload tick).
+    pub catalogue_path: std::path::PathBuf,
     /// Records consumed and not yet handled above which all consumption pauses.
     pub max_buffered: usize,
     /// The dedup window: a partition pauses when it runs half of this ahead of its last
@@ -654,7 +657,7 @@ impl<W: Warehouse> Pipeline<W> {
                             // pressure: pause it now rather than at the next tick.
                             self.apply_pauses(memory_pause, pause_span);
                         }
-                        match row::place(value, &self.catalogue.current()) {
+                        match self.place(value) {
                             Ok(placed) => {
                                 let item = Item { row: placed.row, stream: placed.stream_id, partition, offset, original: value.to_vec(), suspect: suspect || placed.replayed };
                                 if let Some(trigger) = batches.push(&placed.table, item, &limits, std::time::Instant::now())
@@ -722,6 +725,22 @@ impl<W: Warehouse> Pipeline<W> {
         }
         self.commit().await;
         tracing::info!("sink drained");
+    }
+
+    /// Places a record; for an unknown stream, first re-reads the catalogue file, since the
+    /// gateway may have loaded a newer version than this sink's last reload tick.
+    fn place(&self, value: &[u8]) -> Result<row::Placed, (Poison, String)> {
+        match row::place(value, &self.catalogue.current()) {
+            Err((Poison::UnknownStream, detail)) => match Catalogue::load(&self.catalogue_path) {
+                Ok(fresh) if row::place(value, &fresh).is_ok() => {
+                    tracing::info!("unknown stream: re-read the catalogue file");
+                    self.catalogue.replace(fresh);
+                    row::place(value, &self.catalogue.current())
+                }
+                _ => Err((Poison::UnknownStream, detail)),
+            },
+            other => other,
+        }
     }
 
     fn spawn_flush(

@@ -431,3 +431,39 @@ async fn the_same_idempotency_key_twice_gives_one_row() {
     .await;
     assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_added_since_the_last_reload_tick_is_not_dead_lettered() {
+    let (old, new) = (new_stream(), new_stream());
+    let dataset = unique("added");
+    let (old_table, new_table) = (
+        format!("local-project.{dataset}.old"),
+        format!("local-project.{dataset}.new"),
+    );
+    let catalogue = write_catalogue(&[(&old, &old_table, "UTC")]);
+    let wiring = Wiring::new(catalogue.clone(), 1).await;
+    // Reload ticks far apart: only the re-read on an unknown stream can find the new one.
+    let tuning: Vec<(&str, &str)> = SINK_TUNING
+        .iter()
+        .copied()
+        .chain([("HOOKPIPE_CATALOGUE_RELOAD_INTERVAL", "1h")])
+        .collect();
+    let sink = wiring.sink(&tuning).await;
+    replace_catalogue(
+        &catalogue,
+        &[(&old, &old_table, "UTC"), (&new, &new_table, "UTC")],
+    );
+    let record = envelope(&new, "leadId=L9&status=new", hookpipe_tests_now_ms());
+    produce(
+        &wiring.servers.brokers,
+        &wiring.topic,
+        std::slice::from_ref(&record),
+    )
+    .await;
+    let acked = HashSet::from([String::from_utf8(record.0).unwrap()]);
+    assert_exactly_once(&wiring.servers, &new_table, &acked, Duration::from_secs(30)).await;
+    assert_eq!(
+        metric(&sink.admin, "bq_sink_dead_letters_total", &[]).await,
+        0.0
+    );
+}
