@@ -70,7 +70,7 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Creates the dataset and table when missing; checks the schema of an existing table.
     async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError>;
     /// Inserts rows; `Ok` means all of them are stored.
-    async fn insert(&self, table: &TableRef, rows: &[Row]) -> Result<(), WriteError>;
+    async fn insert(&self, table: &TableRef, rows: &[&Row]) -> Result<(), WriteError>;
     /// Which of `hit_ids` (rows of the given `dates`) the table already holds.
     async fn existing_hit_ids(
         &self,
@@ -284,7 +284,7 @@ impl Warehouse for BigQuery {
         }
     }
 
-    async fn insert(&self, table: &TableRef, rows: &[Row]) -> Result<(), WriteError> {
+    async fn insert(&self, table: &TableRef, rows: &[&Row]) -> Result<(), WriteError> {
         let mut request = TableDataInsertAllRequest::new();
         for row in rows {
             request

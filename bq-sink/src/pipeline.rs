@@ -336,7 +336,7 @@ impl<W: Warehouse> Writer<W> {
         let mut strikes: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
         while let Some(range) = work.pop() {
             let slice = &items[range.clone()];
-            let rows: Vec<row::Row> = slice.iter().map(|i| i.row.clone()).collect();
+            let rows: Vec<&row::Row> = slice.iter().map(|i| &i.row).collect();
             let started = std::time::Instant::now();
             let result = tokio::select! {
                 r = self.warehouse.insert(table, &rows) => r,
