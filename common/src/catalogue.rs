@@ -139,14 +139,6 @@ pub struct HmacSpec {
 }
 
 impl AuthSpec {
-    /// Short name for listings and metrics: `bearer`, `hmac-sha256`.
-    pub fn mode(&self) -> &'static str {
-        match self {
-            AuthSpec::Bearer { .. } => "bearer",
-            AuthSpec::HmacSha256(_) => "hmac-sha256",
-        }
-    }
-
     pub fn secrets(&self) -> &[SecretRef] {
         match self {
             AuthSpec::Bearer { secrets } => secrets,

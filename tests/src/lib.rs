@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, Read, Seek};
+use std::io::{BufRead, Seek};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,10 +147,6 @@ impl Proc {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
     /// Sends SIGKILL: the process gets no chance to flush or commit.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -176,19 +172,6 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    /// The process's log so far.
-    pub fn log(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 }
 
