@@ -61,6 +61,13 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_ASSIGNMENT_STRATEGY", default_value = "range", value_parser = ["range", "roundrobin", "cooperative-sticky"])]
     pub assignment_strategy: String,
 
+    /// How long partitions this sink does not own may have waiting records with no progress
+    /// (the group's committed offset not moving) before the sink rejoins the group to force a
+    /// new assignment. Guards against a coordinator leaving partitions with nobody (seen on
+    /// tansu after a crash and a broker restart). `0` turns the guard off.
+    #[arg(long, env = "HOOKPIPE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
     /// Topic for records the sink cannot write (with the reason).
     #[arg(long, env = "HOOKPIPE_DLQ_TOPIC", default_value = "webhooks-dlq")]
     pub dlq_topic: String,

@@ -11,3 +11,4 @@ pub mod offsets;
 pub mod pipeline;
 pub mod replay;
 pub mod row;
+pub mod stall;

@@ -124,6 +124,15 @@ async fn main() -> anyhow::Result<()> {
             move |outcome| metrics.catalogue_reload(outcome.as_str()),
         )
     });
+    if !config.stall_timeout.is_zero() {
+        tokio::spawn(bq_sink::stall::watch(
+            consumer.clone(),
+            config.kafka.topic.clone(),
+            config.stall_timeout,
+            metrics.clone(),
+            cancel.clone(),
+        ));
+    }
     tokio::spawn({
         let (consumer, topic) = (consumer.clone(), config.kafka.topic.clone());
         admin::readiness_loop(

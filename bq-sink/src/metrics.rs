@@ -24,6 +24,7 @@ pub struct Metrics {
     pub commits: IntCounterVec,
     catalogue_reloads: IntCounterVec,
     pub paused: IntGauge,
+    pub group_rejoins: IntCounter,
 }
 
 impl Metrics {
@@ -90,6 +91,10 @@ impl Metrics {
                 "bq_sink_write_errors_total",
                 "Failed BigQuery calls, by kind",
                 &["kind"],
+            ),
+            group_rejoins: counter(
+                "bq_sink_group_rejoins_total",
+                "Times the stall guard rejoined the group because partitions had no active owner",
             ),
             retries: counter(
                 "bq_sink_retries_total",

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod soak;
+
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -110,10 +112,15 @@ pub struct Proc {
 }
 
 fn binary(name: &str) -> PathBuf {
-    // Test executables live in target/<profile>/deps; the binaries one level up.
+    // Test executables live in target/<profile>/deps and the binaries one level up; a binary
+    // of this crate (the soak) lives beside them.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
+    let dir = exe.parent().unwrap();
+    let path = if dir.ends_with("deps") {
+        dir.parent().unwrap().join(name)
+    } else {
+        dir.join(name)
+    };
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (scripts/test does)",
@@ -258,7 +265,11 @@ impl Wiring {
     }
 
     pub async fn gateway(&self, extra: &[(&str, &str)]) -> Gateway {
-        let (port, admin_port) = (free_port(), free_port());
+        self.gateway_at(free_port(), free_port(), extra).await
+    }
+
+    /// A gateway on given ports (to start one again where its senders expect it).
+    pub async fn gateway_at(&self, port: u16, admin_port: u16, extra: &[(&str, &str)]) -> Gateway {
         let mut env = self.common_env();
         env.push(("HOOKPIPE_LISTEN".into(), format!("127.0.0.1:{port}")));
         env.push((

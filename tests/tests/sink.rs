@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use hookpipe_proto::{DeadLetter, Envelope, Message as _};
 use hookpipe_tests::{
-    PrivateEmulator, Servers, Wiring, counts, eventually, hit_ids, metric, produce, query,
-    read_raw, replace_catalogue, send_hits, unique, write_catalogue,
+    PrivateBroker, PrivateEmulator, Servers, Wiring, counts, eventually, hit_ids, metric, produce,
+    query, read_raw, replace_catalogue, send_hits, unique, write_catalogue,
 };
 
 fn new_stream() -> String {
@@ -172,6 +172,29 @@ async fn bigquery_down_for_a_while_is_retried_without_loss_or_duplicates() {
         0.0,
         "nothing was dead-lettered"
     );
+}
+
+/// Found by the soak: after a broker restart the sink must rejoin its group and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_is_survived_without_loss_or_duplicates() {
+    let mut broker = PrivateBroker::start().await;
+    let servers = Servers {
+        brokers: broker.brokers(),
+        ..Servers::from_env()
+    };
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("brokerrestart"));
+    let catalogue = write_catalogue(&[(&stream, &table, "Asia/Tokyo")]);
+    let wiring = Wiring::on(servers, catalogue, 2).await;
+    let gateway = wiring.gateway(&[]).await;
+    let _sink = wiring.sink(SINK_TUNING).await;
+
+    let mut acked = send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await;
+    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(60)).await;
+    broker.stop();
+    broker.resume().await;
+    acked.extend(send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await);
+    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
 }
 
 fn envelope(stream: &str, payload: &str, received_at_ms: i64) -> (Vec<u8>, Vec<u8>) {
