@@ -21,6 +21,8 @@ pub enum ApiError {
     NotUtf8,
     #[error("empty payload")]
     EmptyPayload,
+    #[error("idempotency key longer than 255 bytes")]
+    IdempotencyKeyTooLong,
     #[error("could not read request body")]
     BodyRead,
     #[error("request body not received in time")]
@@ -38,9 +40,10 @@ impl ApiError {
             ApiError::UnknownStream | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotUtf8 | ApiError::EmptyPayload | ApiError::BodyRead => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::NotUtf8
+            | ApiError::EmptyPayload
+            | ApiError::BodyRead
+            | ApiError::IdempotencyKeyTooLong => StatusCode::BAD_REQUEST,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -26,6 +26,9 @@ use crate::error::{ApiError, Result};
 use crate::metrics::{Metrics, UNKNOWN_STREAM};
 use crate::publisher::Publish;
 
+/// Longest idempotency key accepted (keys are usually UUIDs or order ids).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
 /// The catalogue as the gateway uses it: with each stream's secrets resolved.
 #[derive(Debug, Default)]
 pub struct GatewayStreams {
@@ -170,6 +173,10 @@ async fn accept<P: Publish>(
     }
     let header_str = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let idempotency_key = header_str(&state.idempotency_header).filter(|k| !k.is_empty());
+    // The key travels in every envelope: a sender must not make it a second payload.
+    if idempotency_key.is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
+        return Err(ApiError::IdempotencyKeyTooLong);
+    }
     let remote_addr = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()

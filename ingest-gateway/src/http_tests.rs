@@ -149,6 +149,20 @@ async fn idempotency_key_gives_the_same_hit_id() {
 }
 
 #[tokio::test]
+async fn an_idempotency_key_over_255_bytes_is_400_and_not_published() {
+    let rec = Arc::new(Recorder::default());
+    for (len, expected) in [(255, StatusCode::ACCEPTED), (256, StatusCode::BAD_REQUEST)] {
+        let req = Request::post(format!("/ds/{STREAM}"))
+            .header("idempotency-key", "k".repeat(len))
+            .body(Body::from("a=1"))
+            .unwrap();
+        let (status, _, json) = call(state(rec.clone(), 10), req).await;
+        assert_eq!(status, expected, "{len} bytes: {json}");
+    }
+    assert_eq!(rec.sent.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn unknown_or_malformed_stream_is_404() {
     let rec = Arc::new(Recorder::default());
     for path in [

@@ -18,6 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// Largest request head (request line and headers) the gateway reads.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Serves `app` until `cancel` fires, then stops accepting and waits up to `drain` for open
 /// requests to finish. Each request carries the peer address as `ConnectInfo`.
 pub async fn serve(
@@ -33,6 +36,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        // Request line and headers must fit in this (hyper's default is ~400 KB): more gets
+        // 431, a longer URL 414. Bodies are streamed through it, so they are not limited by it.
+        .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     builder
         .http2()

@@ -154,6 +154,11 @@ impl Proc {
         }
     }
 
+    /// The process id (for reading its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process stopped").id()
+    }
+
     /// Sends SIGKILL: the process gets no chance to flush or commit.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
