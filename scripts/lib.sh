@@ -47,6 +47,19 @@ PY
   touch "$BQEMU_VENV/.hookpipe-ready"
 }
 
+# ensure_schemathesis: the API fuzzer, in its own venv (pinned).
+SCHEMATHESIS_VENV="$HOOKPIPE_CACHE/schemathesis-4.32.5-venv"
+SCHEMATHESIS_BIN="$SCHEMATHESIS_VENV/bin/schemathesis"
+ensure_schemathesis() {
+  if [ -x "$SCHEMATHESIS_BIN" ] && [ -f "$SCHEMATHESIS_VENV/.hookpipe-ready" ]; then return 0; fi
+  log "installing schemathesis 4.32.5 into $SCHEMATHESIS_VENV"
+  rm -rf "$SCHEMATHESIS_VENV"
+  python3 -m venv "$SCHEMATHESIS_VENV" || die "python3 -m venv failed"
+  "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5 >&2 \
+    || die "pip install schemathesis failed"
+  touch "$SCHEMATHESIS_VENV/.hookpipe-ready"
+}
+
 # --- Running servers -------------------------------------------------------------------
 
 STARTED_PIDS=()
