@@ -1,7 +1,7 @@
 //! Turning one consumed record into a BigQuery row, or into the reason it cannot be one.
 //! Pure: the catalogue is passed in, nothing is read or written.
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use hookpipe_common::{Catalogue, TableRef};
 use hookpipe_proto::{Envelope, Message};
 use uuid::Uuid;
@@ -80,9 +80,11 @@ pub fn place(value: &[u8], catalogue: &Catalogue) -> Result<Placed, (Poison, Str
             format!("stream {stream_id} is not in the catalogue"),
         )
     })?;
+    // BigQuery's DATE holds years 1 to 9999; a row outside would fail the whole insert.
     let date = stream
         .zone
         .date_of(envelope.received_at_ms)
+        .filter(|d| (1..=9999).contains(&d.year()))
         .ok_or_else(|| {
             (
                 Poison::Undecodable,
@@ -160,6 +162,28 @@ mod tests {
         // 22:00 UTC is 01:00 the next day at +03:00.
         let placed = place(&envelope(STREAM, b"a=1", 1_603_144_800_000), &catalogue()).unwrap();
         assert_eq!(placed.row.date.to_string(), "2020-10-20");
+    }
+
+    /// Found by the property test: BigQuery's DATE stops at years 1 and 9999, and a row outside
+    /// would fail its whole batch; such a record is dead-lettered up front.
+    #[test]
+    fn a_receipt_day_outside_bigquerys_date_range_is_undecodable() {
+        let c = catalogue();
+        // 0001-01-01T00:00:00Z is 03:00 on year 1's first day at +03:00: kept.
+        assert!(place(&envelope(STREAM, b"a=1", -62_135_596_800_000), &c).is_ok());
+        // One day before: 0000-12-31 even at +03:00.
+        let before = -62_135_596_800_000 - 86_400_000;
+        assert_eq!(
+            place(&envelope(STREAM, b"a=1", before), &c).unwrap_err().0,
+            Poison::Undecodable
+        );
+        // 10000-01-01 at +03:00.
+        assert_eq!(
+            place(&envelope(STREAM, b"a=1", 253_402_300_800_000), &c)
+                .unwrap_err()
+                .0,
+            Poison::Undecodable
+        );
     }
 
     #[test]
