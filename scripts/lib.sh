@@ -60,6 +60,36 @@ ensure_schemathesis() {
   touch "$SCHEMATHESIS_VENV/.hookpipe-ready"
 }
 
+# ensure_snippet_runtimes: what tests/tests/snippets.rs runs the integration snippets with.
+# Debian packages for PHP, Ruby, Go (and Java, Node.js, openssl if a machine lacks them), and
+# a venv with `requests` for the Python snippet.
+SNIPPETS_VENV="$HOOKPIPE_CACHE/snippets-venv"
+ensure_snippet_runtimes() {
+  local missing=()
+  command -v php >/dev/null && php -m 2>/dev/null | grep -qx curl || missing+=(php-cli php-curl)
+  command -v ruby >/dev/null || missing+=(ruby)
+  command -v go >/dev/null || missing+=(golang-go)
+  command -v java >/dev/null || missing+=(default-jdk-headless)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v openssl >/dev/null || missing+=(openssl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing snippet runtimes: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q "${missing[@]}" >&2 \
+      || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${missing[@]}" >&2; } \
+      || die "apt-get install ${missing[*]} failed"
+  fi
+  if [ ! -f "$SNIPPETS_VENV/.hookpipe-ready" ]; then
+    rm -rf "$SNIPPETS_VENV"
+    python3 -m venv "$SNIPPETS_VENV" || die "python3 -m venv failed"
+    "$SNIPPETS_VENV/bin/pip" install --quiet --disable-pip-version-check requests==2.32.3 >&2 \
+      || die "pip install requests failed"
+    touch "$SNIPPETS_VENV/.hookpipe-ready"
+  fi
+}
+
 # --- Running servers -------------------------------------------------------------------
 
 STARTED_PIDS=()

@@ -146,6 +146,15 @@ pub struct AdminServer {
 impl AdminServer {
     /// Binds `addr` and serves the admin routes for `registry` (readiness starts false).
     pub async fn start(addr: std::net::SocketAddr, registry: Registry) -> std::io::Result<Self> {
+        Self::start_with(addr, registry, Router::new()).await
+    }
+
+    /// The same, with the service's own routes beside the standard ones.
+    pub async fn start_with(
+        addr: std::net::SocketAddr,
+        registry: Registry,
+        extra: Router,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("binding admin address {addr}: {e}"))
         })?;
@@ -153,7 +162,7 @@ impl AdminServer {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(
             listener,
-            router(registry, ready.clone()),
+            router(registry, ready.clone()).merge(extra),
             cancel.clone(),
         ));
         Ok(Self {

@@ -12,6 +12,24 @@ use hookpipe_common::parse_duration;
 /// envelope, answering 202 only once the broker holds it.
 #[derive(clap::Parser, Clone, Debug)]
 #[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Manage data streams: write a new catalogue entry, validate or list a catalogue, print a
+    /// sender's integration snippet.
+    #[command(subcommand)]
+    Streams(crate::streams::StreamsCommand),
+}
+
+/// The gateway's settings.
+#[derive(clap::Args, Clone, Debug)]
 pub struct Config {
     /// Address for webhook traffic (`POST|GET /ds/{stream_id}`).
     #[arg(long, env = "HOOKPIPE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -21,9 +39,14 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_ADMIN_LISTEN", default_value = "127.0.0.1:9101")]
     pub admin_listen: SocketAddr,
 
-    /// The stream catalogue (YAML). Reloaded when its content changes.
+    /// The stream catalogue (YAML), required to serve. Reloaded when its content changes.
     #[arg(long, env = "HOOKPIPE_CATALOGUE")]
-    pub catalogue: PathBuf,
+    pub catalogue: Option<PathBuf>,
+
+    /// The gateway's address as senders reach it (scheme, host, port), for the stream list
+    /// and snippets on the admin port. Defaults to `http://<HOOKPIPE_LISTEN>`.
+    #[arg(long, env = "HOOKPIPE_PUBLIC_URL")]
+    pub public_url: Option<String>,
 
     /// How often the catalogue file is checked for changes.
     #[arg(long, env = "HOOKPIPE_CATALOGUE_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]

@@ -10,6 +10,8 @@ pub mod http;
 pub mod metrics;
 pub mod publisher;
 pub mod server;
+pub mod snippets;
+pub mod streams;
 
 #[cfg(test)]
 mod http_tests;

@@ -9,7 +9,7 @@ use clap::Parser;
 use hookpipe_common::Catalogue;
 use hookpipe_common::admin::{self, AdminServer};
 use hookpipe_common::catalogue::{Shared, watch_catalogue};
-use ingest_gateway::config::Config;
+use ingest_gateway::config::{Cli, Command};
 use ingest_gateway::http::{AppState, GatewayStreams, Limits, app};
 use ingest_gateway::metrics::Metrics;
 use ingest_gateway::publisher::{KafkaPublisher, Publish, producer_config};
@@ -18,14 +18,31 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Streams(command)) = &cli.command {
+        let mut out = String::new();
+        return match ingest_gateway::streams::run(command, &mut out) {
+            Ok(()) => {
+                print!("{out}");
+                Ok(())
+            }
+            Err(problem) => {
+                eprintln!("error: {problem}");
+                std::process::exit(1);
+            }
+        };
+    }
     hookpipe_common::telemetry::init();
-    let config = Config::parse();
+    let config = cli.config;
+    let Some(catalogue_path) = config.catalogue.clone() else {
+        bail!("HOOKPIPE_CATALOGUE (--catalogue) is required");
+    };
     if let Err(problem) = config.validate() {
         bail!("invalid configuration: {problem}");
     }
     tracing::info!(?config, "starting ingest-gateway");
 
-    let catalogue = Catalogue::load(&config.catalogue)?;
+    let catalogue = Catalogue::load(&catalogue_path)?;
     let streams =
         GatewayStreams::build(catalogue).map_err(|e| anyhow::anyhow!("stream catalogue: {e}"))?;
     let metrics = Arc::new(Metrics::new());
@@ -52,7 +69,19 @@ async fn main() -> anyhow::Result<()> {
 
     let cancel = CancellationToken::new();
     hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
-    let admin = AdminServer::start(config.admin_listen, metrics.registry.clone()).await?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let admin = AdminServer::start_with(
+        config.admin_listen,
+        metrics.registry.clone(),
+        ingest_gateway::streams::admin_routes(ingest_gateway::streams::AdminStreams {
+            streams: streams.clone(),
+            public_url,
+        }),
+    )
+    .await?;
     let ready = admin.ready.clone();
     let listener = TcpListener::bind(config.listen)
         .await
@@ -63,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         let (streams, metrics, cancel) = (streams.clone(), metrics.clone(), cancel.clone());
         let gauge_metrics = metrics.clone();
         watch_catalogue(
-            config.catalogue.clone(),
+            catalogue_path,
             config.catalogue_reload_interval,
             streams,
             cancel,

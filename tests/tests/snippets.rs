@@ -1,0 +1,232 @@
+//! Integration snippets (issue #7), run for real: for every language whose runtime is on the
+//! machine (`scripts/test` installs them: curl, Python, Node.js, PHP, Ruby, Go, Java), the
+//! snippet served by the gateway's admin port is saved and executed against the running
+//! gateway, once for a stream without auth and once for a stream with HMAC signatures; the
+//! row each run made must be in the table with the example payload byte for byte. The C#
+//! snippet cannot run here and is checked for the same URL, headers and auth as the others.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use hookpipe_tests::{Wiring, eventually, query, repo_root, unique};
+
+const EXAMPLE_BODY: &str = "orderId=N1&status=delivered&total=120.13&userId=U1";
+const EXAMPLE_KEY: &str = "N1-delivered";
+const SECRET: &str = "snippet-test-signing-secret";
+
+/// Languages run here, with the command that runs a saved snippet.
+fn runnable() -> Vec<(&'static str, Vec<String>)> {
+    let python = std::env::var("HOOKPIPE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    vec![
+        ("curl", vec!["bash".into()]),
+        ("python", vec![python]),
+        ("python-stdlib", vec!["python3".into()]),
+        ("node", vec!["node".into()]),
+        ("php", vec!["php".into()]),
+        ("ruby", vec!["ruby".into()]),
+        ("go", vec!["go".into(), "run".into()]),
+        ("java", vec!["java".into()]),
+    ]
+}
+
+/// The two HMAC styles alternate between languages, so both are run: hex with a prefix and a
+/// signed timestamp, and base64 of the body alone.
+fn hmac_auth(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
+        "    auth:\n      type: hmac-sha256\n      prefix: \"sha256=\"\n      timestamp_header: X-Timestamp\n      secrets: [{env: SNIPPET_SECRET}]\n"
+    } else {
+        "    auth:\n      type: hmac-sha256\n      header: X-Hub-Signature\n      encoding: base64\n      secrets: [{env: SNIPPET_SECRET}]\n"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_snippet_sends_the_example_and_the_row_arrives() {
+    let languages = runnable();
+    let dataset = unique("snippets");
+    let table = format!("local-project.{dataset}.orders");
+    // Two streams per language: open, and HMAC.
+    let mut streams = Vec::new();
+    let mut text = String::from("streams:\n");
+    for (i, (lang, _)) in languages.iter().enumerate() {
+        for signed in [false, true] {
+            let id = uuid::Uuid::new_v4();
+            text.push_str(&format!(
+                "  - id: {id}\n    name: \"{lang} {}\"\n    table: {table}\n    timezone: Europe/Madrid\n{}",
+                if signed { "signed" } else { "open" },
+                if signed { hmac_auth(i) } else { "" }
+            ));
+            streams.push((*lang, signed, id));
+        }
+    }
+    let csharp_stream = uuid::Uuid::new_v4();
+    text.push_str(&format!(
+        "  - id: {csharp_stream}\n    table: {table}\n    timezone: UTC\n{}",
+        hmac_auth(0)
+    ));
+    let dir = std::env::temp_dir().join(unique("hookpipe-snippets"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let catalogue = dir.join("streams.yaml");
+    std::fs::write(&catalogue, &text).unwrap();
+
+    let wiring = Wiring::new(catalogue.clone(), 2).await;
+    let gateway = wiring.gateway(&[("SNIPPET_SECRET", SECRET)]).await;
+    let _sink = wiring.sink(&[("HOOKPIPE_BATCH_MAX_AGE", "200ms")]).await;
+    let client = reqwest::Client::new();
+
+    // The admin listing: every stream, its auth mode, its URL, and no secret.
+    let listing = client
+        .get(format!("{}/streams", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!listing.contains(SECRET), "the listing shows a secret");
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let listed = json["streams"].as_array().unwrap();
+    assert_eq!(listed.len(), streams.len() + 1);
+    let (_, _, first) = streams[1];
+    let entry = listed
+        .iter()
+        .find(|s| s["id"] == first.to_string())
+        .unwrap();
+    assert_eq!(entry["auth"], "hmac-sha256");
+    assert_eq!(entry["url"], format!("{}/ds/{first}", gateway.url));
+
+    let mut expected = Vec::new();
+    let mut failures = Vec::new();
+    for (lang, signed, id) in &streams {
+        let code = client
+            .get(format!(
+                "{}/streams/{id}/snippet?lang={lang}",
+                gateway.admin
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(code.status(), 200, "{lang} snippet");
+        let file_name = code
+            .headers()
+            .get("content-disposition")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('"').nth(1))
+            .unwrap()
+            .to_owned();
+        let code = code.text().await.unwrap();
+        let run_dir: PathBuf = dir.join(format!("{lang}-{signed}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        std::fs::write(run_dir.join(&file_name), &code).unwrap();
+        let command = &languages.iter().find(|(l, _)| l == lang).unwrap().1;
+        let output = {
+            let (command, run_dir, file_name) = (command.clone(), run_dir.clone(), file_name);
+            tokio::task::spawn_blocking(move || {
+                Command::new(&command[0])
+                    .args(&command[1..])
+                    .arg(&file_name)
+                    .current_dir(&run_dir)
+                    .env("WEBHOOK_SECRET", SECRET)
+                    .env("GOCACHE", repo_root().join("target/go-cache"))
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        };
+        let hit_id = uuid::Uuid::new_v5(id, EXAMPLE_KEY.as_bytes()).to_string();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // Each prints the hit_id (curl prints the gateway's JSON answer, which holds it).
+        if !output.status.success() || !stdout.contains(&hit_id) {
+            failures.push(format!(
+                "{lang} ({}): exit {:?}, printed {:?}, expected {hit_id}\n{}\n--- snippet ---\n{code}",
+                if *signed { "hmac" } else { "no auth" },
+                output.status.code(),
+                stdout.trim(),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        expected.push(hit_id);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    // The rows: one per run, the example payload byte for byte.
+    let rows = eventually(
+        Duration::from_secs(60),
+        &format!("{} snippet rows", expected.len()),
+        || {
+            let (servers, table) = (wiring.servers.clone(), table.clone());
+            let want = expected.len();
+            async move {
+                query(&servers, &format!("SELECT hit_id, payload FROM `{table}`"))
+                    .await
+                    .ok()
+                    .filter(|rows| rows.len() >= want)
+            }
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), expected.len(), "one row per snippet run");
+    for hit_id in &expected {
+        let row = rows
+            .iter()
+            .find(|r| r[0].as_deref() == Some(hit_id.as_str()))
+            .unwrap_or_else(|| panic!("no row for {hit_id}"));
+        assert_eq!(row[1].as_deref(), Some(EXAMPLE_BODY));
+    }
+
+    // C#: the same URL, body, key, headers and signature recipe as the others.
+    let csharp = client
+        .get(format!(
+            "{}/streams/{csharp_stream}/snippet?lang=csharp",
+            gateway.admin
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        format!("{}/ds/{csharp_stream}", gateway.url),
+        EXAMPLE_BODY.into(),
+        EXAMPLE_KEY.into(),
+        "Idempotency-Key".into(),
+        "application/x-www-form-urlencoded".into(),
+        "X-Signature".into(),
+        "X-Timestamp".into(),
+        "\"sha256=\"".into(),
+        "HMACSHA256".into(),
+        "ts + \".\" + Body".into(),
+        "WEBHOOK_SECRET".into(),
+        "TooManyRequests".into(),
+        "ServiceUnavailable".into(),
+        "RetryAfter".into(),
+    ] {
+        assert!(
+            csharp.contains(&needle),
+            "the C# snippet lacks {needle}:\n{csharp}"
+        );
+    }
+
+    // The command line gives the same snippet as the admin port.
+    let (_, _, id) = streams[0];
+    let cli = Command::new(repo_root().join("target/debug/ingest-gateway"))
+        .args(["streams", "snippet", &id.to_string(), "--lang", "go"])
+        .args(["--base-url", &gateway.url, "--catalogue"])
+        .arg(&catalogue)
+        .output()
+        .unwrap();
+    assert!(cli.status.success());
+    let served = client
+        .get(format!("{}/streams/{id}/snippet?lang=go", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cli.stdout), served);
+}
