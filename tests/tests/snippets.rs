@@ -230,3 +230,158 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cli.stdout), served);
 }
+
+/// What the stand-in server saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    key: Option<String>,
+    at: std::time::Instant,
+}
+
+/// A stand-in for a gateway under pressure (not a mock of Kafka or BigQuery: it tests the
+/// senders' code): the first request to each path gets 503 with `Retry-After: 1`, the next
+/// one 202.
+async fn busy_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Seen>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case(name)
+                            .then(|| v.trim().to_owned())
+                    })
+                };
+                let length: usize = header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let first = {
+                    let mut log = log.lock().unwrap();
+                    let first = !log.iter().any(|s| s.path == path);
+                    log.push(Seen {
+                        path,
+                        key: header("idempotency-key"),
+                        at: std::time::Instant::now(),
+                    });
+                    first
+                };
+                let answer = if first {
+                    "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 34\r\nConnection: close\r\n\r\n{\"error\": \"busy, retry later ...\"}".to_owned()
+                } else {
+                    let body = "{\"hit_id\":\"00000000-0000-4000-8000-000000000001\"}";
+                    format!(
+                        "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_snippet_retries_a_503_after_retry_after_with_the_same_key() {
+    let languages = runnable();
+    let mut text = String::from("streams:\n");
+    let mut streams = Vec::new();
+    for (lang, _) in &languages {
+        let id = uuid::Uuid::new_v4();
+        text.push_str(&format!(
+            "  - id: {id}\n    table: local-project.unused.t\n    timezone: UTC\n"
+        ));
+        streams.push((*lang, id));
+    }
+    let dir = std::env::temp_dir().join(unique("hookpipe-snippets-retry"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let catalogue = dir.join("streams.yaml");
+    std::fs::write(&catalogue, &text).unwrap();
+    let (busy_url, seen) = busy_server().await;
+
+    let mut failures = Vec::new();
+    for (lang, id) in &streams {
+        // The snippet as `streams snippet` prints it, aimed at the busy server.
+        let code = Command::new(repo_root().join("target/debug/ingest-gateway"))
+            .args(["streams", "snippet", &id.to_string(), "--lang", lang])
+            .args(["--base-url", &busy_url, "--catalogue"])
+            .arg(&catalogue)
+            .output()
+            .unwrap();
+        assert!(code.status.success(), "{lang}: streams snippet failed");
+        let run_dir = dir.join(lang);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let file = match *lang {
+            "go" => "main.go",
+            "java" => "SendWebhook.java",
+            "node" => "send_webhook.mjs",
+            _ => "snippet",
+        };
+        std::fs::write(run_dir.join(file), &code.stdout).unwrap();
+        let command = languages.iter().find(|(l, _)| l == lang).unwrap().1.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(&command[0])
+                .args(&command[1..])
+                .arg(file)
+                .current_dir(&run_dir)
+                .env("GOCACHE", repo_root().join("target/go-cache"))
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let path = format!("/ds/{id}");
+        let requests: Vec<Seen> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect();
+        let ok = output.status.success()
+            && requests.len() == 2
+            && requests
+                .iter()
+                .all(|r| r.key.as_deref() == Some(EXAMPLE_KEY))
+            && requests[1].at.duration_since(requests[0].at) >= Duration::from_millis(900);
+        if !ok {
+            failures.push(format!(
+                "{lang}: exit {:?}, requests {requests:?}\n{}",
+                output.status.code(),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
