@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             metrics: metrics.clone(),
             topic: config.kafka.topic.clone(),
             revoke_wait: config.drain_timeout,
+            group_refused: Default::default(),
         })
         .context("creating the Kafka consumer")?;
     consumer
@@ -141,7 +142,15 @@ async fn main() -> anyhow::Result<()> {
                     consumer.client(),
                     &topic,
                     Duration::from_secs(2),
-                )
+                )?;
+                if consumer
+                    .context()
+                    .group_refused
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return Err("the consumer group refuses this sink's assignment strategy".into());
+                }
+                Ok(())
             },
             || {},
             ready.clone(),

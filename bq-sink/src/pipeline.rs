@@ -14,6 +14,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -47,6 +48,9 @@ pub struct SinkContext {
     pub topic: String,
     /// How long a revoke may wait for the partition's writes in progress.
     pub revoke_wait: Duration,
+    /// Set while the group refuses this sink (another assignment strategy is in force);
+    /// readiness is false meanwhile, so the pod shows the problem instead of idling "ready".
+    pub group_refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ClientContext for SinkContext {
@@ -129,6 +133,8 @@ impl ConsumerContext for SinkContext {
             if let Err(error) = consumer.resume(assigned) {
                 tracing::warn!(%error, "resuming newly assigned partitions failed");
             }
+            self.group_refused
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(?partitions, "partitions assigned");
         }
     }
@@ -682,6 +688,14 @@ impl<W: Warehouse> Pipeline<W> {
                         }
                     }
                     Err(error) => {
+                        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
+                            let refused = &self.consumer.context().group_refused;
+                            if !refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::error!(
+                                    "the consumer group refuses this sink: it is in use with another partition assignment strategy (HOOKPIPE_ASSIGNMENT_STRATEGY must be the same on every replica; tansu also keeps an emptied group's strategy for good: go back to the old strategy, or move to a new HOOKPIPE_GROUP_ID starting from the old group's committed offsets); not ready until it is resolved"
+                                );
+                            }
+                        }
                         // Broker trouble: librdkafka reconnects by itself; do not spin on it.
                         tracing::warn!(%error, "kafka consumer error");
                         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -154,6 +154,11 @@ impl Proc {
         }
     }
 
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The process id (for reading its memory from /proc).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("process stopped").id()
@@ -292,6 +297,13 @@ impl Wiring {
     }
 
     pub async fn sink(&self, extra: &[(&str, &str)]) -> Sink {
+        let sink = self.spawn_sink(extra);
+        wait_ready(&sink.admin, "sink").await;
+        sink
+    }
+
+    /// A sink, not waiting for it to be ready.
+    pub fn spawn_sink(&self, extra: &[(&str, &str)]) -> Sink {
         let admin_port = free_port();
         let mut env = self.common_env();
         env.push((
@@ -306,12 +318,10 @@ impl Wiring {
             self.servers.bq_endpoint(),
         ));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let sink = Sink {
+        Sink {
             proc: Proc::spawn("sink", "bq-sink", &[], &env),
             admin: format!("http://127.0.0.1:{admin_port}"),
-        };
-        wait_ready(&sink.admin, "sink").await;
-        sink
+        }
     }
 }
 

@@ -174,6 +174,40 @@ async fn bigquery_down_for_a_while_is_retried_without_loss_or_duplicates() {
     );
 }
 
+/// Found while checking the README's flow on an old local broker: a group that another
+/// assignment strategy holds refuses the sink; it must say so and not claim to be ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_the_group_refuses_says_why_and_is_not_ready() {
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("refused"));
+    let catalogue = write_catalogue(&[(&stream, &table, "UTC")]);
+    let wiring = Wiring::new(catalogue, 2).await;
+    let _holder = wiring
+        .sink(&[("HOOKPIPE_ASSIGNMENT_STRATEGY", "roundrobin")])
+        .await;
+    let refused = wiring.spawn_sink(&[("HOOKPIPE_ASSIGNMENT_STRATEGY", "range")]);
+    eventually(Duration::from_secs(30), "the refusal in the log", || {
+        let text = refused.proc.log_text();
+        async move {
+            text.contains("the consumer group refuses this sink")
+                .then_some(())
+        }
+    })
+    .await;
+    // Readiness is checked every 2 s; two answers in a row after the refusal must be 503.
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let status = client
+            .get(format!("{}/readyz", refused.admin))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 503, "a refused sink must not be ready");
+    }
+}
+
 /// Found by the soak: after a broker restart the sink must rejoin its group and go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_is_survived_without_loss_or_duplicates() {
