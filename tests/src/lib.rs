@@ -347,11 +347,13 @@ pub type Cell = Option<String>;
 /// Runs SQL on the emulator and returns rows of cells. Errors (table not found yet, ...) are
 /// returned as `Err` so callers can poll.
 pub async fn query(servers: &Servers, sql: &str) -> Result<Vec<Vec<Cell>>, String> {
-    let response: serde_json::Value = reqwest::Client::new()
-        .post(format!(
-            "{}/bigquery/v2/projects/{}/queries",
-            servers.bq_rest, servers.project
-        ))
+    let client = reqwest::Client::new();
+    let base = format!(
+        "{}/bigquery/v2/projects/{}/queries",
+        servers.bq_rest, servers.project
+    );
+    let mut response: serde_json::Value = client
+        .post(&base)
         .json(&serde_json::json!({ "query": sql, "useLegacySql": false }))
         .send()
         .await
@@ -359,25 +361,42 @@ pub async fn query(servers: &Servers, sql: &str) -> Result<Vec<Vec<Cell>>, Strin
         .json()
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(errors) = response
-        .get("errors")
-        .and_then(|e| e.as_array())
-        .filter(|e| !e.is_empty())
-    {
-        return Err(format!("{errors:?}"));
+    let mut out = Vec::new();
+    loop {
+        if let Some(errors) = response
+            .get("errors")
+            .and_then(|e| e.as_array())
+            .filter(|e| !e.is_empty())
+        {
+            return Err(format!("{errors:?}"));
+        }
+        for row in response["rows"].as_array().into_iter().flatten() {
+            out.push(
+                row["f"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["v"].as_str().map(str::to_owned))
+                    .collect(),
+            );
+        }
+        // Large results come in pages (10,000 rows on the emulator): follow them.
+        let (Some(token), Some(job)) = (
+            response["pageToken"].as_str(),
+            response["jobReference"]["jobId"].as_str(),
+        ) else {
+            return Ok(out);
+        };
+        response = client
+            .get(format!("{base}/{job}"))
+            .query(&[("pageToken", token)])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    let rows = response["rows"].as_array().cloned().unwrap_or_default();
-    Ok(rows
-        .iter()
-        .map(|row| {
-            row["f"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c["v"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .collect())
 }
 
 /// Reads a metric's value (sum over all label sets matching `labels`) from a `/metrics` page.
