@@ -90,6 +90,31 @@ ensure_snippet_runtimes() {
   fi
 }
 
+# ensure_k8s_tools: kubectl (for `kubectl kustomize`; from the machine: it is not in Debian's
+# archive), kubernetes-validate in a venv, and Prometheus with promtool (Debian package).
+K8S_VENV="$HOOKPIPE_CACHE/kubernetes-validate-1.31.0-venv"
+ensure_k8s_tools() {
+  command -v kubectl >/dev/null \
+    || die "kubectl is needed to render k8s/ (kubectl kustomize); install it (e.g. from the Kubernetes apt repository)"
+  if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    log "installing prometheus (Debian package: prometheus and promtool)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q prometheus >&2 \
+      || { $sudo apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q prometheus >&2; } \
+      || die "apt-get install prometheus failed"
+    # The package starts a system Prometheus on :9090; the tests run their own.
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  if [ ! -f "$K8S_VENV/.hookpipe-ready" ]; then
+    rm -rf "$K8S_VENV"
+    python3 -m venv "$K8S_VENV" || die "python3 -m venv failed"
+    "$K8S_VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.31.0 >&2 \
+      || die "pip install kubernetes-validate failed"
+    touch "$K8S_VENV/.hookpipe-ready"
+  fi
+}
+
 # --- Running servers -------------------------------------------------------------------
 
 STARTED_PIDS=()

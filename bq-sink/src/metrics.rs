@@ -27,6 +27,26 @@ pub struct Metrics {
     pub group_rejoins: IntCounter,
 }
 
+/// Values of `bq_sink_write_errors_total{kind}`.
+pub const WRITE_ERROR_KINDS: [&str; 7] = [
+    "transient",
+    "server_error",
+    "rows_rejected",
+    "request_rejected",
+    "schema_mismatch",
+    "table_missing",
+    "dedup_lookup",
+];
+
+/// Values of `bq_sink_dead_letters_total{reason}` (the `Poison` reasons).
+pub const DEAD_LETTER_REASONS: [&str; 5] = [
+    "undecodable",
+    "unknown_stream",
+    "invalid_payload",
+    "rejected_by_bigquery",
+    "schema_mismatch",
+];
+
 impl Metrics {
     #[allow(clippy::expect_used)] // fixed, valid metric definitions
     pub fn new() -> Self {
@@ -53,7 +73,7 @@ impl Metrics {
         let e2e = vec![
             0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
         ];
-        Self {
+        let metrics = Self {
             consumed: counter(
                 "bq_sink_messages_consumed_total",
                 "Records read from the main topic",
@@ -148,7 +168,19 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             registry: r,
+        };
+        // Every known label value starts at 0, so the first event is an increase Prometheus
+        // sees (a series born at 1 has no increase, and an alert on it would never fire).
+        for kind in WRITE_ERROR_KINDS {
+            metrics.write_errors.with_label_values(&[kind]);
         }
+        for reason in DEAD_LETTER_REASONS {
+            metrics.dead_letters.with_label_values(&[reason]);
+        }
+        for trigger in ["rows", "bytes", "age", "shutdown"] {
+            metrics.flushes.with_label_values(&[trigger]);
+        }
+        metrics
     }
 
     pub fn rows_written(&self, stream: &str, n: u64) {
@@ -175,5 +207,36 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_and_dead_letter_series_exist_at_zero_from_the_start() {
+        let metrics = Metrics::new();
+        let text = String::from_utf8(
+            prometheus::TextEncoder::new()
+                .encode_to_string(&metrics.registry.gather())
+                .unwrap()
+                .into_bytes(),
+        )
+        .unwrap();
+        for reason in DEAD_LETTER_REASONS {
+            assert!(
+                text.contains(&format!(
+                    "bq_sink_dead_letters_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{reason}"
+            );
+        }
+        for kind in WRITE_ERROR_KINDS {
+            assert!(
+                text.contains(&format!("bq_sink_write_errors_total{{kind=\"{kind}\"}} 0")),
+                "{kind}"
+            );
+        }
     }
 }

@@ -202,6 +202,7 @@ async fn accept<P: Publish>(
         .await
         .map_err(|error| {
             tracing::warn!(stream = label, %error, "publish failed");
+            state.metrics.publish_error(error.kind());
             ApiError::Unavailable(error.reason())
         })?;
     state

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub producer_queue: IntGauge,
     auth_failures: IntCounterVec,
+    publish_errors: IntCounterVec,
     catalogue_reloads: IntCounterVec,
     pub catalogue_streams: IntGauge,
 }
@@ -100,6 +101,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let publish_errors = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "ingest_gateway_kafka_publish_errors_total",
+                    "Publishes that failed (the sender got 503), by kind (queue_full, timeout, broker)",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
         let catalogue_reloads = register(
             &registry,
             IntCounterVec::new(
@@ -119,6 +131,10 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        // Start every kind at 0, so the first failure is an increase Prometheus sees.
+        for kind in ["queue_full", "timeout", "broker"] {
+            publish_errors.with_label_values(&[kind]);
+        }
         Self {
             registry,
             requests,
@@ -128,6 +144,7 @@ impl Metrics {
             in_flight,
             producer_queue,
             auth_failures,
+            publish_errors,
             catalogue_reloads,
             catalogue_streams,
         }
@@ -156,6 +173,10 @@ impl Metrics {
         self.auth_failures
             .with_label_values(&[stream, reason])
             .inc();
+    }
+
+    pub fn publish_error(&self, kind: &str) {
+        self.publish_errors.with_label_values(&[kind]).inc();
     }
 
     pub fn catalogue_reload(&self, outcome: &str) {

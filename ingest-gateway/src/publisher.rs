@@ -22,6 +22,15 @@ pub enum PublishError {
 
 impl PublishError {
     /// The sender-facing reason.
+    /// The metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishError::QueueFull => "queue_full",
+            PublishError::Timeout => "timeout",
+            PublishError::Broker(_) => "broker",
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             PublishError::QueueFull => "overloaded, retry later",

@@ -131,11 +131,20 @@ fn binary(name: &str) -> PathBuf {
 
 impl Proc {
     pub fn spawn(name: &str, binary_name: &str, args: &[String], env: &[(String, String)]) -> Self {
+        Self::spawn_path(name, &binary(binary_name), args, env)
+    }
+
+    /// Another program (found on PATH), such as Prometheus.
+    pub fn spawn_program(name: &str, program: &str, args: &[String]) -> Self {
+        Self::spawn_path(name, Path::new(program), args, &[])
+    }
+
+    fn spawn_path(name: &str, program: &Path, args: &[String], env: &[(String, String)]) -> Self {
         let dir = repo_root().join("target").join("test-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{}.log", unique(name)));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary(binary_name))
+        let child = Command::new(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
