@@ -1,0 +1,136 @@
+//! The gateway's ceiling: a plain rdkafka producer sending the same envelopes with the same
+//! settings as the gateway (acks=all, idempotence, compression, linger, queue) to the same
+//! broker, with `--concurrency` sends in flight, each waiting for its acknowledgement as an
+//! HTTP connection to the gateway does. Prints one JSON line.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hookpipe_bench::{cpu_time, payload, percentile};
+use hookpipe_proto::Message;
+use ingest_gateway::envelope::{Received, build};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(long)]
+    topic: String,
+    /// Sends in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// How long to send, in seconds (after a 2 s warm-up).
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Or: send exactly this many (no warm-up), e.g. to fill a topic for the sink benchmark.
+    #[arg(long)]
+    count: Option<u64>,
+    #[arg(long, default_value = "2ms", value_parser = hookpipe_common::parse_duration)]
+    linger: Duration,
+    #[arg(long, default_value = "lz4")]
+    compression: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let mut base = ClientConfig::new();
+    base.set("bootstrap.servers", &args.brokers);
+    let config =
+        ingest_gateway::publisher::producer_config(base, 100_000, args.linger, &args.compression);
+    let producer: FutureProducer = config.create().expect("producer");
+    let stream = uuid::Uuid::new_v4();
+    let next = Arc::new(AtomicU64::new(0));
+    let warmup = if args.count.is_some() { 0 } else { 2 };
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(warmup);
+    let stop = measure_from + Duration::from_secs(args.seconds);
+    let cpu_at_start = Arc::new(std::sync::Mutex::new(None));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (producer, next, topic, count, cpu_at_start) = (
+            producer.clone(),
+            next.clone(),
+            args.topic.clone(),
+            args.count,
+            cpu_at_start.clone(),
+        );
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut measured = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if count.is_some_and(|c| i >= c) || (count.is_none() && Instant::now() >= stop) {
+                    return (latencies, measured);
+                }
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as i64;
+                let envelope = build(Received {
+                    stream_id: stream,
+                    received_at_ms: now_ms,
+                    payload: bytes::Bytes::from(payload(i)),
+                    method: "POST",
+                    content_type: "application/x-www-form-urlencoded",
+                    query: "",
+                    idempotency_key: None,
+                    remote_addr: "127.0.0.1:50000".into(),
+                    user_agent: "bench",
+                });
+                let value = envelope.encode_to_vec();
+                let sent = Instant::now();
+                let record = FutureRecord::to(&topic)
+                    .key(envelope.hit_id.as_bytes())
+                    .payload(&value);
+                if producer
+                    .send(record, Duration::from_secs(30))
+                    .await
+                    .is_err()
+                {
+                    eprintln!("send failed");
+                    continue;
+                }
+                if sent >= measure_from {
+                    let mut cpu = cpu_at_start.lock().unwrap_or_else(|e| e.into_inner());
+                    if cpu.is_none() {
+                        *cpu = Some(cpu_time());
+                    }
+                    latencies.push(sent.elapsed());
+                    measured += 1;
+                }
+            }
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut measured = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (l, n) = done.expect("sender task");
+        latencies.extend(l);
+        measured += n;
+    }
+    let elapsed = Instant::now().saturating_duration_since(measure_from);
+    let cpu = cpu_time().saturating_sub(
+        cpu_at_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_default(),
+    );
+    latencies.sort_unstable();
+    println!(
+        "{}",
+        serde_json::json!({
+            "concurrency": args.concurrency,
+            "messages": measured,
+            "seconds": elapsed.as_secs_f64(),
+            "per_second": measured as f64 / elapsed.as_secs_f64(),
+            "p50_ms": percentile(&latencies, 50.0).as_secs_f64() * 1000.0,
+            "p99_ms": percentile(&latencies, 99.0).as_secs_f64() * 1000.0,
+            "cpu_us_per_message": cpu.as_secs_f64() * 1e6 / measured.max(1) as f64,
+        })
+    );
+}
