@@ -33,6 +33,9 @@ struct Args {
     linger: Duration,
     #[arg(long, default_value = "lz4")]
     compression: String,
+    /// The stream id in the envelopes (a fresh one if not given).
+    #[arg(long)]
+    stream: Option<uuid::Uuid>,
 }
 
 #[tokio::main]
@@ -43,7 +46,7 @@ async fn main() {
     let config =
         ingest_gateway::publisher::producer_config(base, 100_000, args.linger, &args.compression);
     let producer: FutureProducer = config.create().expect("producer");
-    let stream = uuid::Uuid::new_v4();
+    let stream = args.stream.unwrap_or_else(uuid::Uuid::new_v4);
     let next = Arc::new(AtomicU64::new(0));
     let warmup = if args.count.is_some() { 0 } else { 2 };
     let start = Instant::now();
