@@ -47,18 +47,35 @@ PY
   touch "$BQEMU_VENV/.hookpipe-ready"
 }
 
+# venv_with DIR PACKAGE...: a private virtualenv with pinned packages, made once.
+venv_with() {
+  local dir=$1
+  shift
+  if [ -f "$dir/.hookpipe-ready" ]; then return 0; fi
+  log "installing $* into $dir"
+  rm -rf "$dir"
+  python3 -m venv "$dir" || die "python3 -m venv failed"
+  "$dir/bin/pip" install --quiet --disable-pip-version-check "$@" >&2 \
+    || die "pip install $* failed"
+  touch "$dir/.hookpipe-ready"
+}
+
+# apt_install PACKAGE...: Debian packages (with sudo when not root; updates the package lists
+# once if the first try fails).
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing Debian packages: $*"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q "$@" >&2 \
+    || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "$@" >&2; } \
+    || die "apt-get install $* failed"
+}
+
 # ensure_schemathesis: the API fuzzer, in its own venv (pinned).
 SCHEMATHESIS_VENV="$HOOKPIPE_CACHE/schemathesis-4.32.5-venv"
 SCHEMATHESIS_BIN="$SCHEMATHESIS_VENV/bin/schemathesis"
-ensure_schemathesis() {
-  if [ -x "$SCHEMATHESIS_BIN" ] && [ -f "$SCHEMATHESIS_VENV/.hookpipe-ready" ]; then return 0; fi
-  log "installing schemathesis 4.32.5 into $SCHEMATHESIS_VENV"
-  rm -rf "$SCHEMATHESIS_VENV"
-  python3 -m venv "$SCHEMATHESIS_VENV" || die "python3 -m venv failed"
-  "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5 >&2 \
-    || die "pip install schemathesis failed"
-  touch "$SCHEMATHESIS_VENV/.hookpipe-ready"
-}
+ensure_schemathesis() { venv_with "$SCHEMATHESIS_VENV" schemathesis==4.32.5; }
 
 # ensure_snippet_runtimes: what tests/tests/snippets.rs runs the integration snippets with.
 # Debian packages for PHP, Ruby, Go (and Java, Node.js, openssl if a machine lacks them), and
@@ -72,22 +89,8 @@ ensure_snippet_runtimes() {
   command -v java >/dev/null || missing+=(default-jdk-headless)
   command -v node >/dev/null || missing+=(nodejs)
   command -v openssl >/dev/null || missing+=(openssl)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing snippet runtimes: ${missing[*]}"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -q "${missing[@]}" >&2 \
-      || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${missing[@]}" >&2; } \
-      || die "apt-get install ${missing[*]} failed"
-  fi
-  if [ ! -f "$SNIPPETS_VENV/.hookpipe-ready" ]; then
-    rm -rf "$SNIPPETS_VENV"
-    python3 -m venv "$SNIPPETS_VENV" || die "python3 -m venv failed"
-    "$SNIPPETS_VENV/bin/pip" install --quiet --disable-pip-version-check requests==2.32.3 >&2 \
-      || die "pip install requests failed"
-    touch "$SNIPPETS_VENV/.hookpipe-ready"
-  fi
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  venv_with "$SNIPPETS_VENV" requests==2.32.3
 }
 
 # ensure_k8s_tools: kubectl (for `kubectl kustomize`; from the machine: it is not in Debian's
@@ -97,22 +100,11 @@ ensure_k8s_tools() {
   command -v kubectl >/dev/null \
     || die "kubectl is needed to render k8s/ (kubectl kustomize); install it (e.g. from the Kubernetes apt repository)"
   if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-    log "installing prometheus (Debian package: prometheus and promtool)"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q prometheus >&2 \
-      || { $sudo apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q prometheus >&2; } \
-      || die "apt-get install prometheus failed"
-    # The package starts a system Prometheus on :9090; the tests run their own.
-    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+    apt_install prometheus
+    # The package may start a system Prometheus on :9090; the tests run their own.
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
   fi
-  if [ ! -f "$K8S_VENV/.hookpipe-ready" ]; then
-    rm -rf "$K8S_VENV"
-    python3 -m venv "$K8S_VENV" || die "python3 -m venv failed"
-    "$K8S_VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.31.0 >&2 \
-      || die "pip install kubernetes-validate failed"
-    touch "$K8S_VENV/.hookpipe-ready"
-  fi
+  venv_with "$K8S_VENV" kubernetes-validate==1.31.0
 }
 
 # --- Running servers -------------------------------------------------------------------

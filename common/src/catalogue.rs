@@ -468,7 +468,11 @@ pub async fn watch_catalogue<T>(
     build: impl Fn(Catalogue) -> Result<T, String> + Send + 'static,
     on_reload: impl Fn(ReloadOutcome) + Send + 'static,
 ) {
-    let mut last = tokio::fs::read(&path).await.ok();
+    let mut applied = tokio::fs::read(&path).await.ok();
+    // A refused version is tried again every tick: it may only lack a secret file that the
+    // kubelet has not synced yet (Secret and ConfigMap volumes update independently). It is
+    // logged and counted once.
+    let mut refused: Option<Vec<u8>> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -484,7 +488,7 @@ pub async fn watch_catalogue<T>(
                 continue;
             }
         };
-        if last.as_deref() == Some(text.as_slice()) {
+        if applied.as_deref() == Some(text.as_slice()) {
             continue;
         }
         let parsed = std::str::from_utf8(&text)
@@ -496,13 +500,18 @@ pub async fn watch_catalogue<T>(
                 tracing::info!(path = %path.display(), "stream catalogue reloaded");
                 shared.replace(value);
                 on_reload(ReloadOutcome::Applied);
+                applied = Some(text);
+                refused = None;
+            }
+            Err(error) if refused.as_deref() == Some(text.as_slice()) => {
+                tracing::debug!(path = %path.display(), %error, "new stream catalogue still refused");
             }
             Err(error) => {
                 tracing::error!(path = %path.display(), %error, "new stream catalogue refused, keeping the current one");
                 on_reload(ReloadOutcome::Rejected);
+                refused = Some(text);
             }
         }
-        last = Some(text);
     }
 }
 
@@ -742,5 +751,78 @@ streams:
         shared.replace(Catalogue::from_yaml(GOOD).unwrap());
         assert!(before.is_empty());
         assert_eq!(shared.current().len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A catalogue whose secret file arrives after it (the kubelet syncs Secret and ConfigMap
+    /// volumes independently) is applied once the secret is there, without another change.
+    #[tokio::test]
+    async fn a_refused_catalogue_is_retried_until_it_builds() {
+        let dir = std::env::temp_dir().join(format!("hookpipe-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("streams.yaml");
+        std::fs::write(&path, "streams: []\n").unwrap();
+        let shared = Arc::new(Shared::new(0usize));
+        let secret_there = Arc::new(AtomicBool::new(false));
+        let (applied, rejected) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (shared, secret_there, applied, rejected, cancel) = (
+                shared.clone(),
+                secret_there.clone(),
+                applied.clone(),
+                rejected.clone(),
+                cancel.clone(),
+            );
+            watch_catalogue(
+                path.clone(),
+                Duration::from_millis(20),
+                shared,
+                cancel,
+                move |c| {
+                    if secret_there.load(Ordering::SeqCst) {
+                        Ok(c.len())
+                    } else {
+                        Err("secret file missing".into())
+                    }
+                },
+                move |outcome| {
+                    let counter = match outcome {
+                        ReloadOutcome::Applied => &applied,
+                        ReloadOutcome::Rejected => &rejected,
+                    };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                },
+            )
+        });
+        std::fs::write(
+            &path,
+            "streams:\n  - id: 522ed95e-9f07-45f6-a0b7-28bf2d0315e5\n    table: p.d.t\n    timezone: UTC\n",
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rejected.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        secret_there.store(true, Ordering::SeqCst);
+        while *shared.current() != 1 {
+            assert!(std::time::Instant::now() < deadline, "never applied");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            rejected.load(Ordering::SeqCst),
+            1,
+            "refused once, not every tick"
+        );
+        assert_eq!(applied.load(Ordering::SeqCst), 1);
+        cancel.cancel();
+        task.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

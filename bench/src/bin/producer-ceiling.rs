@@ -29,9 +29,10 @@ struct Args {
     /// Or: send exactly this many (no warm-up), e.g. to fill a topic for the sink benchmark.
     #[arg(long)]
     count: Option<u64>,
-    #[arg(long, default_value = "2ms", value_parser = hookpipe_common::parse_duration)]
+    /// The gateway's defaults (HOOKPIPE_PRODUCER_LINGER, HOOKPIPE_PRODUCER_COMPRESSION).
+    #[arg(long, default_value = "5ms", value_parser = hookpipe_common::parse_duration)]
     linger: Duration,
-    #[arg(long, default_value = "lz4")]
+    #[arg(long, default_value = "none")]
     compression: String,
     /// The stream id in the envelopes (a fresh one if not given).
     #[arg(long)]
