@@ -460,15 +460,31 @@ impl ReloadOutcome {
 /// refused and the old one stays in force. `build` turns a valid catalogue into what the caller
 /// keeps, and may refuse it for its own reasons (the gateway refuses one whose secrets it cannot
 /// read).
-pub async fn watch_catalogue<T>(
+///
+/// The file is read once when this is called (not when the future is first polled), so a
+/// change made right after the caller loaded the catalogue is not mistaken for the version in
+/// force.
+pub fn watch_catalogue<T: Send + Sync + 'static>(
     path: PathBuf,
     interval: Duration,
     shared: Arc<Shared<T>>,
     cancel: tokio_util::sync::CancellationToken,
     build: impl Fn(Catalogue) -> Result<T, String> + Send + 'static,
     on_reload: impl Fn(ReloadOutcome) + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send {
+    let applied = std::fs::read(&path).ok();
+    watch_from(path, interval, shared, cancel, build, on_reload, applied)
+}
+
+async fn watch_from<T>(
+    path: PathBuf,
+    interval: Duration,
+    shared: Arc<Shared<T>>,
+    cancel: tokio_util::sync::CancellationToken,
+    build: impl Fn(Catalogue) -> Result<T, String> + Send + 'static,
+    on_reload: impl Fn(ReloadOutcome) + Send + 'static,
+    mut applied: Option<Vec<u8>>,
 ) {
-    let mut applied = tokio::fs::read(&path).await.ok();
     // A refused version is tried again every tick: it may only lack a secret file that the
     // kubelet has not synced yet (Secret and ConfigMap volumes update independently). It is
     // logged and counted once.
@@ -821,6 +837,51 @@ mod watch_tests {
             "refused once, not every tick"
         );
         assert_eq!(applied.load(Ordering::SeqCst), 1);
+        cancel.cancel();
+        task.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// How the kubelet updates a mounted ConfigMap: the file is a symlink through `..data`,
+    /// which is swapped atomically to a new timestamped directory. The watcher follows it.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_configmap_style_symlink_swap_is_picked_up() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("hookpipe-cm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..2026_11_27_01")).unwrap();
+        std::fs::write(dir.join("..2026_11_27_01/streams.yaml"), "streams: []\n").unwrap();
+        symlink("..2026_11_27_01", dir.join("..data")).unwrap();
+        symlink("..data/streams.yaml", dir.join("streams.yaml")).unwrap();
+        let shared = Arc::new(Shared::new(0usize));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(watch_catalogue(
+            dir.join("streams.yaml"),
+            Duration::from_millis(20),
+            shared.clone(),
+            cancel.clone(),
+            |c| Ok(c.len()),
+            |_| {},
+        ));
+        // The update: a new directory, a temporary link to it, renamed over `..data`.
+        std::fs::create_dir_all(dir.join("..2026_11_27_02")).unwrap();
+        std::fs::write(
+            dir.join("..2026_11_27_02/streams.yaml"),
+            "streams:\n  - id: 522ed95e-9f07-45f6-a0b7-28bf2d0315e5\n    table: p.d.t\n    timezone: UTC\n",
+        )
+        .unwrap();
+        symlink("..2026_11_27_02", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..2026_11_27_01")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while *shared.current() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the swap was not picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         cancel.cancel();
         task.await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
