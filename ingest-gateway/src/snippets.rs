@@ -2,7 +2,7 @@
 //! the order-status example, with the stream's auth (token header or HMAC signature computed
 //! in the snippet), an idempotency key, a 2xx check, and retries on 429/503 after Retry-After
 //! (and on connection errors). Secrets are never in a snippet: it reads `WEBHOOK_SECRET` from
-//! its environment.
+//! its environment. Nor is the destination table: snippets go to other companies' developers.
 //!
 //! Every snippet but C# is executed against a real gateway by `tests/tests/snippets.rs`.
 
@@ -168,9 +168,8 @@ pub fn snippet(lang: Lang, stream: &Stream, base_url: &str) -> String {
     let url = format!("{}/ds/{}", base_url.trim_end_matches('/'), stream.id);
     let auth = Auth::of(stream);
     let header = format!(
-        "Sends one webhook to hookpipe data stream {} ({}), {}.\n{}\nRetries on 429/503 after Retry-After and on connection errors, with the same Idempotency-Key,\nso a retry is never a second row. Exits non-zero unless the gateway answered 2xx.",
+        "Sends one webhook to data stream {}, {}.\n{}\nRetries on 429/503 after Retry-After and on connection errors, with the same Idempotency-Key,\nso a retry is never a second row. Exits non-zero unless the gateway answered 2xx.",
         stream.id,
-        stream.table,
         lang.label(),
         auth.note()
     );
@@ -929,6 +928,10 @@ mod tests {
                     "{what}: url"
                 );
                 assert!(code.contains(EXAMPLE_BODY), "{what}: body");
+                assert!(
+                    !code.contains(&stream.table.to_string()),
+                    "{what}: the table is internal"
+                );
                 assert!(code.contains(EXAMPLE_KEY), "{what}: key");
                 assert!(code.contains("Idempotency-Key"), "{what}: key header");
                 assert!(
