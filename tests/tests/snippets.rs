@@ -32,6 +32,31 @@ fn runnable() -> Vec<(&'static str, Vec<String>)> {
     ]
 }
 
+/// Saves `code` as `dir/file` and runs it there with the language's command (off the
+/// runtime: Go and Java compile first), with the signing secret in `WEBHOOK_SECRET`.
+async fn run_snippet(
+    command: &[String],
+    dir: PathBuf,
+    file: String,
+    code: Vec<u8>,
+) -> std::process::Output {
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&file), code).unwrap();
+    let command = command.to_vec();
+    tokio::task::spawn_blocking(move || {
+        Command::new(&command[0])
+            .args(&command[1..])
+            .arg(&file)
+            .current_dir(&dir)
+            .env("WEBHOOK_SECRET", SECRET)
+            .env("GOCACHE", repo_root().join("target/go-cache"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// The two HMAC styles alternate between languages, so both are run: hex with a prefix and a
 /// signed timestamp, and base64 of the body alone.
 fn hmac_auth(i: usize) -> &'static str {
@@ -117,25 +142,9 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
             .unwrap()
             .to_owned();
         let code = code.text().await.unwrap();
-        let run_dir: PathBuf = dir.join(format!("{lang}-{signed}"));
-        std::fs::create_dir_all(&run_dir).unwrap();
-        std::fs::write(run_dir.join(&file_name), &code).unwrap();
         let command = &languages.iter().find(|(l, _)| l == lang).unwrap().1;
-        let output = {
-            let (command, run_dir, file_name) = (command.clone(), run_dir.clone(), file_name);
-            tokio::task::spawn_blocking(move || {
-                Command::new(&command[0])
-                    .args(&command[1..])
-                    .arg(&file_name)
-                    .current_dir(&run_dir)
-                    .env("WEBHOOK_SECRET", SECRET)
-                    .env("GOCACHE", repo_root().join("target/go-cache"))
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        };
+        let run_dir = dir.join(format!("{lang}-{signed}"));
+        let output = run_snippet(command, run_dir, file_name, code.clone().into_bytes()).await;
         let hit_id = uuid::Uuid::new_v5(id, EXAMPLE_KEY.as_bytes()).to_string();
         let stdout = String::from_utf8_lossy(&output.stdout);
         // Each prints the hit_id (curl prints the gateway's JSON answer, which holds it).
@@ -340,27 +349,14 @@ async fn every_snippet_retries_a_503_after_retry_after_with_the_same_key() {
             .output()
             .unwrap();
         assert!(code.status.success(), "{lang}: streams snippet failed");
-        let run_dir = dir.join(lang);
-        std::fs::create_dir_all(&run_dir).unwrap();
         let file = match *lang {
             "go" => "main.go",
             "java" => "SendWebhook.java",
             "node" => "send_webhook.mjs",
             _ => "snippet",
         };
-        std::fs::write(run_dir.join(file), &code.stdout).unwrap();
-        let command = languages.iter().find(|(l, _)| l == lang).unwrap().1.clone();
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new(&command[0])
-                .args(&command[1..])
-                .arg(file)
-                .current_dir(&run_dir)
-                .env("GOCACHE", repo_root().join("target/go-cache"))
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let command = &languages.iter().find(|(l, _)| l == lang).unwrap().1;
+        let output = run_snippet(command, dir.join(lang), file.to_owned(), code.stdout).await;
         let path = format!("/ds/{id}");
         let requests: Vec<Seen> = seen
             .lock()
