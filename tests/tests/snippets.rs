@@ -32,6 +32,11 @@ fn runnable() -> Vec<(&'static str, Vec<String>)> {
     ]
 }
 
+/// The body of a GET (the admin port's listings and snippets).
+async fn get_text(client: &reqwest::Client, url: String) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Saves `code` as `dir/file` and runs it there with the language's command (off the
 /// runtime: Go and Java compile first), with the signing secret in `WEBHOOK_SECRET`.
 async fn run_snippet(
@@ -102,14 +107,7 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
     let client = reqwest::Client::new();
 
     // The admin listing: every stream, its auth mode, its URL, and no secret.
-    let listing = client
-        .get(format!("{}/streams", gateway.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let listing = get_text(&client, format!("{}/streams", gateway.admin)).await;
     assert!(!listing.contains(SECRET), "the listing shows a secret");
     let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
     let listed = json["streams"].as_array().unwrap();
@@ -187,17 +185,14 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
     }
 
     // C#: the same URL, body, key, headers and signature recipe as the others.
-    let csharp = client
-        .get(format!(
+    let csharp = get_text(
+        &client,
+        format!(
             "{}/streams/{csharp_stream}/snippet?lang=csharp",
             gateway.admin
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     for needle in [
         format!("{}/ds/{csharp_stream}", gateway.url),
         EXAMPLE_BODY.into(),
@@ -229,14 +224,11 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
         .output()
         .unwrap();
     assert!(cli.status.success());
-    let served = client
-        .get(format!("{}/streams/{id}/snippet?lang=go", gateway.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let served = get_text(
+        &client,
+        format!("{}/streams/{id}/snippet?lang=go", gateway.admin),
+    )
+    .await;
     assert_eq!(String::from_utf8_lossy(&cli.stdout), served);
 }
 
