@@ -16,10 +16,16 @@ pub struct Item {
     pub stream: uuid::Uuid,
     pub partition: i32,
     pub offset: i64,
-    /// The original record value, kept so a row BigQuery rejects can be dead-lettered whole.
-    pub original: Vec<u8>,
-    /// In the range after an assignment that a previous owner may already have written.
+    /// The original record value, kept so a row BigQuery rejects can be dead-lettered (or a
+    /// row parked) whole. The row's payload is a slice of it: one buffer per record.
+    pub original: bytes::Bytes,
+    /// May already be in the table (in the range after an assignment that a previous owner
+    /// may have written, put back by replay or from parking, or sent in a request whose answer
+    /// was lost): looked up before it is written.
     pub suspect: bool,
+    /// Put back by `replay-dlq` or from the parking topic. Such rows are tried even while
+    /// their table is parked: they are how a recovered table is noticed.
+    pub replayed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -176,16 +182,17 @@ mod tests {
     fn item(offset: i64, payload_len: usize) -> Item {
         Item {
             row: Row {
-                hit_id: format!("{offset:036}"),
-                payload: "x".repeat(payload_len),
+                hit_id: uuid::Uuid::from_u128(offset as u128),
+                payload: "x".repeat(payload_len).into(),
                 received_at: 0,
                 date: chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
             },
             stream: uuid::Uuid::nil(),
             partition: 0,
             offset,
-            original: vec![],
+            original: bytes::Bytes::new(),
             suspect: false,
+            replayed: false,
         }
     }
 

@@ -72,6 +72,37 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_DLQ_TOPIC", default_value = "webhooks-dlq")]
     pub dlq_topic: String,
 
+    /// The largest dead letter the dead-letter topic accepts (its `max.message.bytes`); a
+    /// bigger one is stored truncated, with the original's size and SHA-256.
+    #[arg(
+        long,
+        env = "HOOKPIPE_DLQ_MAX_MESSAGE_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub dlq_max_message_bytes: usize,
+
+    /// Topic for rows whose table keeps failing (parked), written back when it answers again.
+    #[arg(
+        long,
+        env = "HOOKPIPE_PARKING_TOPIC",
+        default_value = "webhooks-parked"
+    )]
+    pub parking_topic: String,
+
+    /// How long a table may keep failing, while other tables are written, before its rows are
+    /// parked (sooner when its stuck rows hold partitions back at the dedup window).
+    #[arg(long, env = "HOOKPIPE_PARK_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub park_after: Duration,
+
+    /// First wait before a parked table is tried again (its new rows, and a pass over the
+    /// parking topic); doubles up to HOOKPIPE_PARK_PROBE_MAX while it keeps failing.
+    #[arg(long, env = "HOOKPIPE_PARK_PROBE_INITIAL", default_value = "10s", value_parser = parse_duration)]
+    pub park_probe_initial: Duration,
+
+    /// Longest wait between two tries of a parked table.
+    #[arg(long, env = "HOOKPIPE_PARK_PROBE_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub park_probe_max: Duration,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -96,6 +127,15 @@ pub struct Config {
     /// catch up (memory bound).
     #[arg(long, env = "HOOKPIPE_MAX_BUFFERED_ROWS", default_value_t = 20_000)]
     pub max_buffered_rows: usize,
+
+    /// The same bound in bytes of the records held (each record is held once).
+    #[arg(long, env = "HOOKPIPE_MAX_BUFFERED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
+
+    /// How long an offset commit may go unanswered before it counts as failed (and is asked
+    /// again); a hanging commit never stops the consumer loop.
+    #[arg(long, env = "HOOKPIPE_COMMIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub commit_timeout: Duration,
 
     /// Dedup window W: a partition never runs more than W/2 records ahead of its last
     /// confirmed commit, and after an assignment the first W records are looked up in the
@@ -154,6 +194,18 @@ pub struct BigQueryArgs {
     /// How long one BigQuery request may take before it is abandoned and retried.
     #[arg(long = "bigquery-timeout", env = "HOOKPIPE_BIGQUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// The destination answers a write holding one bad row with HTTP 500 for the whole
+    /// request, as the local BigQuery emulator does (BigQuery itself reports bad rows per row
+    /// and a 5xx is always transient there). With it, a 5xx while the table answers splits
+    /// the request to find the bad row. Set by the local scripts and tests only.
+    #[arg(
+        long = "bigquery-bad-rows-as-5xx",
+        env = "HOOKPIPE_BIGQUERY_BAD_ROWS_AS_5XX",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub bad_rows_as_5xx: bool,
 }
 
 impl Config {
@@ -164,6 +216,26 @@ impl Config {
         }
         if self.dlq_topic == self.kafka.topic {
             return Err("HOOKPIPE_DLQ_TOPIC must differ from HOOKPIPE_TOPIC".into());
+        }
+        if self.parking_topic == self.kafka.topic || self.parking_topic == self.dlq_topic {
+            return Err(
+                "HOOKPIPE_PARKING_TOPIC must differ from HOOKPIPE_TOPIC and HOOKPIPE_DLQ_TOPIC"
+                    .into(),
+            );
+        }
+        if self.dlq_max_message_bytes < 8192 {
+            return Err("HOOKPIPE_DLQ_MAX_MESSAGE_BYTES must be at least 8192".into());
+        }
+        if self.park_probe_initial.is_zero() || self.park_probe_max < self.park_probe_initial {
+            return Err("HOOKPIPE_PARK_PROBE_INITIAL must be above zero and at most HOOKPIPE_PARK_PROBE_MAX".into());
+        }
+        if self.max_buffered_bytes < self.batch_max_bytes {
+            return Err(
+                "HOOKPIPE_MAX_BUFFERED_BYTES must be at least HOOKPIPE_BATCH_MAX_BYTES".into(),
+            );
+        }
+        if self.commit_timeout < Duration::from_millis(500) {
+            return Err("HOOKPIPE_COMMIT_TIMEOUT must be at least 500ms".into());
         }
         if self.group_id.trim().is_empty() {
             return Err("HOOKPIPE_GROUP_ID is empty".into());

@@ -27,16 +27,16 @@ impl RecentHits {
         }
     }
 
-    pub fn contains(&self, hit_id: &str) -> bool {
-        key(hit_id).is_some_and(|k| self.set.contains(&k))
+    pub fn contains(&self, hit_id: &Uuid) -> bool {
+        self.set.contains(&hit_id.as_u128())
     }
 
     /// Remembers written hit_ids, forgetting the oldest beyond capacity.
-    pub fn insert<'a>(&mut self, hit_ids: impl IntoIterator<Item = &'a str>) {
+    pub fn insert(&mut self, hit_ids: impl IntoIterator<Item = Uuid>) {
         if self.capacity == 0 {
             return;
         }
-        for k in hit_ids.into_iter().filter_map(key) {
+        for k in hit_ids.into_iter().map(|u| u.as_u128()) {
             if self.set.insert(k) {
                 self.order.push_back(k);
                 if self.order.len() > self.capacity
@@ -57,20 +57,16 @@ impl RecentHits {
     }
 }
 
-fn key(hit_id: &str) -> Option<u128> {
-    Uuid::try_parse(hit_id).ok().map(|u| u.as_u128())
-}
-
 /// Splits indexes of a batch into those to write and those that repeat an earlier hit_id of the
 /// same batch or a recently written one.
-pub fn first_occurrences<'a>(
-    hit_ids: impl IntoIterator<Item = &'a str>,
+pub fn first_occurrences(
+    hit_ids: impl IntoIterator<Item = Uuid>,
     recent: &RecentHits,
 ) -> (Vec<usize>, Vec<usize>) {
     let mut seen = HashSet::new();
     let (mut keep, mut skip) = (Vec::new(), Vec::new());
     for (i, id) in hit_ids.into_iter().enumerate() {
-        if recent.contains(id) || !seen.insert(id) {
+        if recent.contains(&id) || !seen.insert(id) {
             skip.push(i);
         } else {
             keep.push(i);
@@ -83,18 +79,18 @@ pub fn first_occurrences<'a>(
 mod tests {
     use super::*;
 
-    const A: &str = "83cc2a6a-4829-4410-bab4-95b680c5b8d7";
-    const B: &str = "01a21e81-2a0c-7193-9dd5-22e7392d1a2e";
-    const C: &str = "01a21e82-8389-71ca-8083-d7d7f580ed7c";
+    const A: Uuid = Uuid::from_u128(0x83cc2a6a_4829_4410_bab4_95b680c5b8d7);
+    const B: Uuid = Uuid::from_u128(0x01a21e81_2a0c_7193_9dd5_22e7392d1a2e);
+    const C: Uuid = Uuid::from_u128(0x01a21e82_8389_71ca_8083_d7d7f580ed7c);
 
     #[test]
     fn recent_hits_are_bounded() {
         let mut r = RecentHits::new(2);
         r.insert([A, B]);
-        assert!(r.contains(A) && r.contains(B));
+        assert!(r.contains(&A) && r.contains(&B));
         r.insert([C]);
-        assert!(!r.contains(A), "oldest forgotten");
-        assert!(r.contains(B) && r.contains(C));
+        assert!(!r.contains(&A), "oldest forgotten");
+        assert!(r.contains(&B) && r.contains(&C));
         assert_eq!(r.len(), 2);
         r.insert([C]);
         assert_eq!(r.len(), 2);

@@ -2,13 +2,17 @@
 //! table, in micro-batches, committing offsets only after rows are written.
 
 pub mod batch;
-pub mod bigquery;
 pub mod config;
-pub mod deadletter;
+pub mod consumer;
+pub mod decide;
 pub mod dedup;
+pub mod group;
 pub mod metrics;
 pub mod offsets;
+pub mod parking;
 pub mod pipeline;
 pub mod replay;
 pub mod row;
-pub mod stall;
+pub mod shelf;
+pub mod warehouse;
+pub mod writer;

@@ -1,20 +1,30 @@
 //! Start-up and shutdown of the sink: parse configuration, load the catalogue, connect to
-//! BigQuery and Kafka, run the consumer loop and the admin port, and drain on SIGTERM.
+//! BigQuery and Kafka, run the consumer loop, the parking drainer, the group guard and the
+//! admin port, and drain on SIGTERM. A state the process cannot repair by itself (a panicked
+//! write task, a group that does not give it partitions back) ends it with exit status 3, so
+//! the orchestrator restarts it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bq_sink::batch::Limits;
-use bq_sink::bigquery::BigQuery;
-use bq_sink::config::{Cli, Command};
-use bq_sink::deadletter::DeadLetters;
+use bq_sink::config::{Cli, Command, Config};
+use bq_sink::consumer::{Ownership, SinkConsumer, SinkContext};
+use bq_sink::decide::{Health, Policy};
 use bq_sink::dedup::RecentHits;
+use bq_sink::group::{self, GuardSettings};
 use bq_sink::metrics::Metrics;
 use bq_sink::offsets::OffsetTracker;
-use bq_sink::pipeline::{Backoff, Pipeline, SinkConsumer, SinkContext, Writer};
+use bq_sink::parking::Drainer;
+use bq_sink::pipeline::Pipeline;
 use bq_sink::replay;
+use bq_sink::shelf::KafkaShelf;
+use bq_sink::warehouse::rest::{InsertAll, Rest};
+use bq_sink::writer::{Writer, backoff};
 use clap::Parser;
 use hookpipe_common::Catalogue;
 use hookpipe_common::admin::{self, AdminServer};
@@ -22,8 +32,11 @@ use hookpipe_common::catalogue::{Shared, watch_catalogue};
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
 
+/// Exit status of a crash-only exit (the orchestrator restarts the process).
+const EXIT_RESTART: u8 = 3;
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     hookpipe_common::telemetry::init();
     let cli = Cli::parse();
     let config = cli.config;
@@ -34,44 +47,84 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|p| anyhow::anyhow!("invalid configuration: {p}"))?;
         let mut base = config.kafka.client_config();
         config.kafka.apply_overrides(&mut base);
-        let summary = replay::run(&base, &config.dlq_topic, &config.kafka.topic, &args)
-            .await
-            .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
+        let summary = replay::run(
+            &base,
+            &config.dlq_topic,
+            &config.kafka.topic,
+            &config.group_id,
+            &args,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
         println!(
-            "read {} dead letters from {}, {} matched, {} replayed to {}{}",
-            summary.read,
-            config.dlq_topic,
-            summary.matched,
-            summary.replayed,
-            config.kafka.topic,
-            if args.dry_run { " (dry run)" } else { "" }
+            "{}",
+            summary.describe(&config.dlq_topic, &config.kafka.topic, args.dry_run)
         );
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     if let Err(problem) = config.validate() {
         bail!("invalid configuration: {problem}");
     }
     tracing::info!(?config, "starting bq-sink");
-    let catalogue_path = config.catalogue.clone().unwrap_or_default();
+    run(config).await
+}
 
+async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let catalogue_path = config.catalogue.clone().unwrap_or_default();
     let catalogue = Arc::new(Shared::new(Catalogue::load(&catalogue_path)?));
     let metrics = Arc::new(Metrics::new());
-    let warehouse = Arc::new(
-        BigQuery::connect(&config.bigquery)
+    let rest = Arc::new(
+        Rest::connect(&config.bigquery)
             .await
             .context("connecting to BigQuery")?,
     );
+    let warehouse = Arc::new(InsertAll { rest });
 
     let base = config.kafka.client_config();
-    let mut dlq_config = base.clone();
-    config.kafka.apply_overrides(&mut dlq_config);
-    let dead_letters = Arc::new(
-        DeadLetters::new(&dlq_config, config.dlq_topic.clone())
-            .context("creating the dead-letter producer")?,
+    let mut producer_config = base.clone();
+    config.kafka.apply_overrides(&mut producer_config);
+    let shelf = Arc::new(
+        KafkaShelf::new(
+            &producer_config,
+            config.dlq_topic.clone(),
+            config.parking_topic.clone(),
+            config.dlq_max_message_bytes,
+        )
+        .context("creating the dead-letter and parking producer")?,
     );
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::new(config.dedup_window)));
-    let mut consumer_config = base;
+    let retry = backoff(config.retry_initial, config.retry_max);
+    let writer = Arc::new(Writer {
+        warehouse: warehouse.clone(),
+        shelf: shelf.clone(),
+        metrics: metrics.clone(),
+        tracker: tracker.clone(),
+        recent: Mutex::new(RecentHits::new(config.dedup_memory)),
+        backoff: retry,
+        limits: Limits {
+            max_rows: config.batch_max_rows,
+            max_bytes: config.batch_max_bytes,
+            max_age: config.batch_max_age,
+        },
+        policy: Policy {
+            park_after: config.park_after,
+            bad_rows_as_5xx: config.bigquery.bad_rows_as_5xx,
+            poison_strikes: 3,
+        },
+        topic: config.kafka.topic.clone(),
+        ready_tables: Mutex::new(HashSet::new()),
+        health: Mutex::new(Health::new(
+            config.park_probe_initial,
+            config.park_probe_max,
+        )),
+        pressure: AtomicBool::new(false),
+        unparked: tokio::sync::Notify::new(),
+        partitions: Mutex::new(HashMap::new()),
+        active: Mutex::new(HashMap::new()),
+    });
+
+    let mut consumer_config = base.clone();
     consumer_config
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
@@ -94,13 +147,16 @@ async fn main() -> anyhow::Result<()> {
     consumer_config
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    let owner: Arc<dyn Ownership> = writer.clone();
     let consumer: SinkConsumer = consumer_config
         .create_with_context(SinkContext {
             tracker: tracker.clone(),
             metrics: metrics.clone(),
             topic: config.kafka.topic.clone(),
+            owner,
             revoke_wait: config.drain_timeout,
             group_refused: Default::default(),
+            assignment_lost: Default::default(),
         })
         .context("creating the Kafka consumer")?;
     consumer
@@ -125,17 +181,81 @@ async fn main() -> anyhow::Result<()> {
             move |outcome| metrics.catalogue_reload(outcome.as_str()),
         )
     });
+
+    let drainer = Drainer::new(
+        &producer_config,
+        &format!("{}.parking", config.group_id),
+        warehouse.clone(),
+        metrics.clone(),
+        config.kafka.topic.clone(),
+        config.parking_topic.clone(),
+        config.park_probe_initial,
+        config.park_probe_max,
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .context("creating the parking consumer")?;
+    let unparked = drainer.unparked.clone();
+    tokio::spawn({
+        let writer = writer.clone();
+        let cancel = cancel.clone();
+        async move {
+            // The writer wakes its own Notify; pass it on to the drainer's.
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = writer.unparked.notified() => unparked.notify_one(),
+                }
+            }
+        }
+    });
+    tokio::spawn(drainer.run(cancel.clone()));
+
+    // The group guard: rejoin, readiness, or a crash-only exit.
+    let group_ready = Arc::new(AtomicBool::new(true));
+    let fatal = Arc::new(Mutex::new(None::<String>));
     if !config.stall_timeout.is_zero() {
-        tokio::spawn(bq_sink::stall::watch(
-            consumer.clone(),
-            config.kafka.topic.clone(),
-            config.stall_timeout,
-            metrics.clone(),
-            cancel.clone(),
-        ));
+        let settings = GuardSettings {
+            stall: config.stall_timeout,
+            max_rejoins: 2,
+            regain: config.session_timeout + Duration::from_secs(5),
+        };
+        tokio::spawn({
+            let (consumer, topic, group_id) = (
+                consumer.clone(),
+                config.kafka.topic.clone(),
+                config.group_id.clone(),
+            );
+            let (metrics, group_ready, cancel, fatal) = (
+                metrics.clone(),
+                group_ready.clone(),
+                cancel.clone(),
+                fatal.clone(),
+            );
+            async move {
+                if let Some(reason) = group::watch(
+                    consumer,
+                    topic,
+                    group_id,
+                    settings,
+                    metrics,
+                    group_ready,
+                    cancel.clone(),
+                )
+                .await
+                {
+                    tracing::error!(%reason, "exiting so that the sink is restarted");
+                    *bq_sink::writer::lock(&fatal) = Some(reason);
+                    cancel.cancel();
+                }
+            }
+        });
     }
     tokio::spawn({
-        let (consumer, topic) = (consumer.clone(), config.kafka.topic.clone());
+        let (consumer, topic, group_ready) = (
+            consumer.clone(),
+            config.kafka.topic.clone(),
+            group_ready.clone(),
+        );
         admin::readiness_loop(
             move || {
                 hookpipe_common::kafka::check_topic(
@@ -143,12 +263,13 @@ async fn main() -> anyhow::Result<()> {
                     &topic,
                     Duration::from_secs(2),
                 )?;
-                if consumer
-                    .context()
-                    .group_refused
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
+                if consumer.context().group_refused.load(Ordering::Relaxed) {
                     return Err("the consumer group refuses this sink's assignment strategy".into());
+                }
+                if !group_ready.load(Ordering::Relaxed) {
+                    return Err(
+                        "this sink owns no partition while records wait that no member owns".into(),
+                    );
                 }
                 Ok(())
             },
@@ -158,37 +279,34 @@ async fn main() -> anyhow::Result<()> {
         )
     });
 
-    let limits = Limits {
-        max_rows: config.batch_max_rows,
-        max_bytes: config.batch_max_bytes,
-        max_age: config.batch_max_age,
-    };
     let pipeline = Pipeline {
         consumer,
-        writer: Arc::new(Writer {
-            tracker,
-            recent: Mutex::new(RecentHits::new(config.dedup_memory)),
-            warehouse,
-            dead_letters: dead_letters.clone(),
-            metrics,
-            backoff: Backoff {
-                initial: config.retry_initial,
-                max: config.retry_max,
-            },
-            limits,
-            topic: config.kafka.topic.clone(),
-            ready_tables: Mutex::new(HashSet::new()),
-        }),
+        writer,
         catalogue,
         catalogue_path,
         max_buffered: config.max_buffered_rows,
+        max_buffered_bytes: config.max_buffered_bytes,
         window: config.dedup_window,
         drain_timeout: config.drain_timeout,
+        commit_timeout: config.commit_timeout,
     };
-    pipeline.run(cancel.clone()).await;
+    let outcome = pipeline.run(cancel.clone()).await;
     ready.set(false);
-    dead_letters.flush(Duration::from_secs(5));
+    shelf.flush(Duration::from_secs(5));
     admin.stop().await?;
-    tracing::info!("bq-sink stopped");
-    Ok(())
+    let fatal = bq_sink::writer::lock(&fatal).take();
+    match (outcome, fatal) {
+        (Err(error), _) => {
+            tracing::error!(%error, "bq-sink stopped to be restarted");
+            Ok(ExitCode::from(EXIT_RESTART))
+        }
+        (Ok(()), Some(reason)) => {
+            tracing::error!(%reason, "bq-sink stopped to be restarted");
+            Ok(ExitCode::from(EXIT_RESTART))
+        }
+        (Ok(()), None) => {
+            tracing::info!("bq-sink stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -1,16 +1,26 @@
-//! Every metric the sink exports, defined once. The `stream` label only takes ids from the
-//! catalogue; `table` labels are catalogue tables.
+//! Every metric the sink exports, defined once. The `stream` label only takes stream ids the
+//! gateway resolved from its catalogue (carried in the envelope) or the sink's catalogue;
+//! `table` labels are those streams' tables.
 
+use hookpipe_common::TableRef;
 use hookpipe_common::admin::register;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use uuid::Uuid;
+
+use crate::row::Poison;
+use crate::warehouse::WRITE_ERROR_KINDS;
 
 pub struct Metrics {
     pub registry: Registry,
     pub consumed: IntCounter,
     rows_written: IntCounterVec,
     pub duplicates_skipped: IntCounter,
+    pub lookups: IntCounter,
+    pub lookup_skipped: IntCounter,
+    pub ambiguous_writes: IntCounter,
+    pub already_exists: IntCounter,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     flushes: IntCounterVec,
@@ -18,34 +28,30 @@ pub struct Metrics {
     write_errors: IntCounterVec,
     pub retries: IntCounter,
     dead_letters: IntCounterVec,
+    pub dead_letters_truncated: IntCounter,
+    rows_parked: IntCounterVec,
+    rows_unparked: IntCounterVec,
+    tables_parked: IntGaugeVec,
+    parked_rows: IntGaugeVec,
+    parked_oldest: IntGaugeVec,
     pub buffered_rows: IntGauge,
+    pub buffered_bytes: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub end_to_end: Histogram,
     pub commits: IntCounterVec,
     catalogue_reloads: IntCounterVec,
     pub paused: IntGauge,
     pub group_rejoins: IntCounter,
+    pub owned_partitions: IntGauge,
+    pub orphaned_partitions: IntGauge,
+    newest_row: IntGaugeVec,
+    last_write: IntGaugeVec,
+    /// Tables the parked gauges were ever set for (to zero them when drained).
+    parked_tables: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-/// Values of `bq_sink_write_errors_total{kind}`.
-pub const WRITE_ERROR_KINDS: [&str; 7] = [
-    "transient",
-    "server_error",
-    "rows_rejected",
-    "request_rejected",
-    "schema_mismatch",
-    "table_missing",
-    "dedup_lookup",
-];
-
-/// Values of `bq_sink_dead_letters_total{reason}` (the `Poison` reasons).
-pub const DEAD_LETTER_REASONS: [&str; 5] = [
-    "undecodable",
-    "unknown_stream",
-    "invalid_payload",
-    "rejected_by_bigquery",
-    "schema_mismatch",
-];
+/// Values of `bq_sink_flushes_total{trigger}`.
+pub const FLUSH_TRIGGERS: [&str; 4] = ["rows", "bytes", "age", "shutdown"];
 
 impl Metrics {
     #[allow(clippy::expect_used)] // fixed, valid metric definitions
@@ -60,6 +66,14 @@ impl Metrics {
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
+        let gauge =
+            |name: &str, help: &str| register(&r, IntGauge::new(name, help).expect("valid metric"));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             register(
                 &r,
@@ -71,7 +85,7 @@ impl Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
         ];
         let e2e = vec![
-            0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+            0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
         ];
         let metrics = Self {
             consumed: counter(
@@ -86,6 +100,22 @@ impl Metrics {
             duplicates_skipped: counter(
                 "bq_sink_duplicates_skipped_total",
                 "Records not written because their hit_id was already written",
+            ),
+            lookups: counter(
+                "bq_sink_dedup_lookups_total",
+                "Queries that looked suspect rows up in their table before writing",
+            ),
+            lookup_skipped: counter(
+                "bq_sink_lookup_skipped_rows_total",
+                "Suspect rows a lookup found already in the table (not written again)",
+            ),
+            ambiguous_writes: counter(
+                "bq_sink_ambiguous_writes_total",
+                "Write requests whose outcome was unknown (answer lost); their rows were looked up before being sent again",
+            ),
+            already_exists: counter(
+                "bq_sink_append_already_exists_total",
+                "Storage Write appends re-sent at their offset that BigQuery answered ALREADY_EXISTS: proof the lost append had landed",
             ),
             batch_rows: histogram(
                 "bq_sink_batch_rows",
@@ -104,7 +134,7 @@ impl Metrics {
             ),
             write_duration: histogram(
                 "bq_sink_write_duration_seconds",
-                "Duration of one insertAll request",
+                "Duration of one write request (an append or an insertAll)",
                 seconds,
             ),
             write_errors: counter_vec(
@@ -114,35 +144,66 @@ impl Metrics {
             ),
             group_rejoins: counter(
                 "bq_sink_group_rejoins_total",
-                "Times the stall guard rejoined the group because partitions had no active owner",
+                "Times the group guard rejoined the group because partitions with work had no owner",
+            ),
+            owned_partitions: gauge(
+                "bq_sink_owned_partitions",
+                "Partitions of the main topic this replica owns",
+            ),
+            orphaned_partitions: gauge(
+                "bq_sink_orphaned_partitions",
+                "Partitions with records waiting that no member of the group owns, as this replica sees it",
             ),
             retries: counter(
                 "bq_sink_retries_total",
-                "BigQuery writes retried after a transient failure",
+                "BigQuery calls retried after a failure",
             ),
             dead_letters: counter_vec(
                 "bq_sink_dead_letters_total",
                 "Records sent to the dead-letter topic, by reason",
                 &["reason"],
             ),
-            buffered_rows: register(
-                &r,
-                IntGauge::new(
-                    "bq_sink_buffered_rows",
-                    "Records consumed and not yet written or dead-lettered",
-                )
-                .expect("valid metric"),
+            dead_letters_truncated: counter(
+                "bq_sink_dead_letters_truncated_total",
+                "Dead letters larger than the dead-letter topic accepts, stored truncated with the original's size and SHA-256",
             ),
-            consumer_lag: register(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "bq_sink_consumer_lag_messages",
-                        "Messages behind the partition's end, per assigned partition",
-                    ),
-                    &["partition"],
-                )
-                .expect("valid metric"),
+            rows_parked: counter_vec(
+                "bq_sink_rows_parked_total",
+                "Rows put on the parking topic because their table kept failing, by table",
+                &["table"],
+            ),
+            rows_unparked: counter_vec(
+                "bq_sink_rows_unparked_total",
+                "Parked rows sent back to the main topic once their table answered, by table",
+                &["table"],
+            ),
+            tables_parked: gauge_vec(
+                "bq_sink_table_parked",
+                "1 while this replica parks the table's rows (the table keeps failing)",
+                &["table"],
+            ),
+            parked_rows: gauge_vec(
+                "bq_sink_parked_rows",
+                "Rows waiting on the parking topic, by table (as of the last pass over it)",
+                &["table"],
+            ),
+            parked_oldest: gauge_vec(
+                "bq_sink_parked_oldest_timestamp_seconds",
+                "When the oldest row waiting on the parking topic was parked, by table (Unix seconds)",
+                &["table"],
+            ),
+            buffered_rows: gauge(
+                "bq_sink_buffered_rows",
+                "Records consumed and not yet written or dead-lettered",
+            ),
+            buffered_bytes: gauge(
+                "bq_sink_buffered_bytes",
+                "Bytes of the records consumed and not yet written or dead-lettered",
+            ),
+            consumer_lag: gauge_vec(
+                "bq_sink_consumer_lag_messages",
+                "Messages behind the partition's end, per assigned partition",
+                &["partition"],
             ),
             end_to_end: histogram(
                 "bq_sink_end_to_end_latency_seconds",
@@ -151,7 +212,7 @@ impl Metrics {
             ),
             commits: counter_vec(
                 "bq_sink_offset_commits_total",
-                "Offset commits, by outcome (ok, error)",
+                "Offset commits, by outcome (ok, error, timeout)",
                 &["outcome"],
             ),
             catalogue_reloads: counter_vec(
@@ -159,14 +220,21 @@ impl Metrics {
                 "Catalogue reload attempts by outcome (applied, rejected)",
                 &["outcome"],
             ),
-            paused: register(
-                &r,
-                IntGauge::new(
-                    "bq_sink_consumption_paused",
-                    "1 while consumption is paused because too much is buffered",
-                )
-                .expect("valid metric"),
+            paused: gauge(
+                "bq_sink_consumption_paused",
+                "1 while consumption is paused because too much is buffered",
             ),
+            newest_row: gauge_vec(
+                "bq_sink_stream_newest_row_received_timestamp_seconds",
+                "received_at of the newest row this replica wrote for the stream (Unix seconds)",
+                &["stream"],
+            ),
+            last_write: gauge_vec(
+                "bq_sink_stream_last_write_timestamp_seconds",
+                "When this replica last wrote a row for the stream (Unix seconds)",
+                &["stream"],
+            ),
+            parked_tables: Default::default(),
             registry: r,
         };
         // Every known label value starts at 0, so the first event is an increase Prometheus
@@ -174,17 +242,31 @@ impl Metrics {
         for kind in WRITE_ERROR_KINDS {
             metrics.write_errors.with_label_values(&[kind]);
         }
-        for reason in DEAD_LETTER_REASONS {
-            metrics.dead_letters.with_label_values(&[reason]);
+        for reason in Poison::ALL {
+            metrics.dead_letters.with_label_values(&[reason.as_str()]);
         }
-        for trigger in ["rows", "bytes", "age", "shutdown"] {
+        for trigger in FLUSH_TRIGGERS {
             metrics.flushes.with_label_values(&[trigger]);
+        }
+        for outcome in ["ok", "error", "timeout"] {
+            metrics.commits.with_label_values(&[outcome]);
         }
         metrics
     }
 
     pub fn rows_written(&self, stream: &str, n: u64) {
         self.rows_written.with_label_values(&[stream]).inc_by(n);
+    }
+
+    /// A row of `stream` received at `received_at_ms` was just written.
+    pub fn stream_freshness(&self, stream: Uuid, received_at_ms: i64) {
+        let mut buf = Uuid::encode_buffer();
+        let label: &str = stream.hyphenated().encode_lower(&mut buf);
+        let newest = self.newest_row.with_label_values(&[label]);
+        newest.set(newest.get().max(received_at_ms.div_euclid(1000)));
+        self.last_write
+            .with_label_values(&[label])
+            .set(hookpipe_common::now_ms().div_euclid(1000));
     }
 
     pub fn flush(&self, trigger: &str) {
@@ -202,6 +284,46 @@ impl Metrics {
     pub fn catalogue_reload(&self, outcome: &str) {
         self.catalogue_reloads.with_label_values(&[outcome]).inc();
     }
+
+    pub fn table_parked(&self, table: &TableRef, parked: bool) {
+        let label = table.to_string();
+        self.tables_parked
+            .with_label_values(&[&label])
+            .set(i64::from(parked));
+        // The counters start at 0 so the first parked row is an increase an alert sees.
+        self.rows_parked.with_label_values(&[&label]);
+        self.rows_unparked.with_label_values(&[&label]);
+    }
+
+    pub fn rows_parked(&self, table: &str, n: u64) {
+        self.rows_parked.with_label_values(&[table]).inc_by(n);
+    }
+
+    pub fn rows_unparked(&self, table: &str, n: u64) {
+        self.rows_unparked.with_label_values(&[table]).inc_by(n);
+    }
+
+    /// What the last pass over the parking topic found waiting: per table, rows and the time
+    /// the oldest was parked (Unix ms). Tables no longer waiting are set to 0.
+    pub fn parked_waiting(&self, waiting: &std::collections::HashMap<String, (i64, i64)>) {
+        let mut exported = match self.parked_tables.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for table in exported.iter() {
+            if !waiting.contains_key(table) {
+                self.parked_rows.with_label_values(&[table]).set(0);
+                let _ = self.parked_oldest.remove_label_values(&[table]);
+            }
+        }
+        exported.extend(waiting.keys().cloned());
+        for (table, (rows, oldest_ms)) in waiting {
+            self.parked_rows.with_label_values(&[table]).set(*rows);
+            self.parked_oldest
+                .with_label_values(&[table])
+                .set(oldest_ms.div_euclid(1000));
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -217,14 +339,11 @@ mod tests {
     #[test]
     fn error_and_dead_letter_series_exist_at_zero_from_the_start() {
         let metrics = Metrics::new();
-        let text = String::from_utf8(
-            prometheus::TextEncoder::new()
-                .encode_to_string(&metrics.registry.gather())
-                .unwrap()
-                .into_bytes(),
-        )
-        .unwrap();
-        for reason in DEAD_LETTER_REASONS {
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&metrics.registry.gather())
+            .unwrap();
+        for reason in Poison::ALL {
+            let reason = reason.as_str();
             assert!(
                 text.contains(&format!(
                     "bq_sink_dead_letters_total{{reason=\"{reason}\"}} 0"
@@ -238,5 +357,20 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    #[test]
+    fn parked_gauges_follow_the_last_pass() {
+        let metrics = Metrics::new();
+        let mut waiting = std::collections::HashMap::new();
+        waiting.insert("p.d.a".to_owned(), (5, 1_700_000_000_000));
+        metrics.parked_waiting(&waiting);
+        assert_eq!(metrics.parked_rows.with_label_values(&["p.d.a"]).get(), 5);
+        assert_eq!(
+            metrics.parked_oldest.with_label_values(&["p.d.a"]).get(),
+            1_700_000_000
+        );
+        metrics.parked_waiting(&std::collections::HashMap::new());
+        assert_eq!(metrics.parked_rows.with_label_values(&["p.d.a"]).get(), 0);
     }
 }

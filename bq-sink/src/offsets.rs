@@ -10,12 +10,12 @@
 //! beyond the committed offset all lie within `window` records of it: the *suspect* range
 //! whose hit_ids the next owner looks up before writing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 #[derive(Debug, Default)]
 struct PartitionState {
-    /// Offsets consumed and not yet done.
-    pending: BTreeSet<i64>,
+    /// Offsets consumed and not yet done, with each record's size in bytes.
+    pending: BTreeMap<i64, usize>,
     /// Offsets handed to a flush task (a subset of `pending`).
     writing: BTreeSet<i64>,
     /// One past the highest offset consumed.
@@ -35,6 +35,8 @@ pub struct OffsetTracker {
     partitions: HashMap<i32, PartitionState>,
     /// Size of the suspect range after an assignment.
     window: i64,
+    /// Bytes of the records pending across partitions.
+    pending_bytes: usize,
 }
 
 impl OffsetTracker {
@@ -42,6 +44,7 @@ impl OffsetTracker {
         Self {
             partitions: HashMap::new(),
             window: i64::try_from(window).unwrap_or(i64::MAX),
+            pending_bytes: 0,
         }
     }
 
@@ -53,27 +56,42 @@ impl OffsetTracker {
     /// Forgets a revoked partition: completions that arrive for it later are ignored, since
     /// another consumer owns it now.
     pub fn revoke(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
+        if let Some(state) = self.partitions.remove(&partition) {
+            self.pending_bytes -= state.pending.values().sum::<usize>();
+        }
+    }
+
+    /// The partitions tracked (owned) now.
+    pub fn owned(&self) -> Vec<i32> {
+        let mut out: Vec<i32> = self.partitions.keys().copied().collect();
+        out.sort_unstable();
+        out
     }
 
     pub fn owns(&self, partition: i32) -> bool {
         self.partitions.contains_key(&partition)
     }
 
-    /// Records that `offset` was consumed. Returns whether the record is suspect (within the
-    /// window after where this consumer started reading the partition).
-    pub fn consumed(&mut self, partition: i32, offset: i64) -> bool {
+    /// Records that `offset` (of `bytes` bytes) was consumed. Returns whether the record is
+    /// suspect (within the window after where this consumer started reading the partition), or
+    /// `None` for a partition this consumer does not own: such a record (delivered from the
+    /// consumer's queue after a revoke) is the new owner's, and must be dropped, not buffered.
+    pub fn consumed(&mut self, partition: i32, offset: i64, bytes: usize) -> Option<bool> {
         let window = self.window;
-        let state = self.partitions.entry(partition).or_default();
+        let state = self.partitions.get_mut(&partition)?;
         if state.committed.is_none() {
             // Reading resumes at the committed offset: the first record seen marks it.
             state.committed = Some(offset);
             state.requested = Some(offset);
             state.suspect_until = Some(offset.saturating_add(window));
         }
-        state.pending.insert(offset);
+        if let Some(old) = state.pending.insert(offset, bytes) {
+            // The same offset delivered twice (a seek back): count it once.
+            self.pending_bytes -= old;
+        }
+        self.pending_bytes += bytes;
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        state.suspect_until.is_some_and(|end| offset < end)
+        Some(state.suspect_until.is_some_and(|end| offset < end))
     }
 
     /// Records that these offsets were handed to a flush task.
@@ -86,7 +104,9 @@ impl OffsetTracker {
     /// Records that `offset` is durably handled.
     pub fn done(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
-            state.pending.remove(&offset);
+            if let Some(bytes) = state.pending.remove(&offset) {
+                self.pending_bytes -= bytes;
+            }
             state.writing.remove(&offset);
         }
     }
@@ -111,7 +131,7 @@ impl OffsetTracker {
             .iter_mut()
             .filter(|(p, _)| which(**p))
             .filter_map(|(p, s)| {
-                let safe = s.pending.first().copied().or(s.next)?;
+                let safe = s.pending.keys().next().copied().or(s.next)?;
                 if s.requested == Some(safe) {
                     return None;
                 }
@@ -171,6 +191,11 @@ impl OffsetTracker {
         (pause, resume)
     }
 
+    /// Whether any owned partition is paused now.
+    pub fn any_paused(&self) -> bool {
+        self.partitions.values().any(|s| s.paused)
+    }
+
     pub fn set_paused(&mut self, partition: i32, paused: bool) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.paused = paused;
@@ -180,6 +205,11 @@ impl OffsetTracker {
     /// Records in flight, across partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|s| s.pending.len()).sum()
+    }
+
+    /// Bytes of the records in flight, across partitions.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.pending_bytes
     }
 }
 
@@ -192,7 +222,7 @@ mod tests {
         let mut t = OffsetTracker::new(100);
         t.assign(0);
         for o in 10..15 {
-            t.consumed(0, o);
+            t.consumed(0, o, 1);
         }
         assert!(
             t.to_commit().is_empty(),
@@ -217,8 +247,9 @@ mod tests {
     #[test]
     fn span_counts_from_the_confirmed_commit() {
         let mut t = OffsetTracker::new(100);
+        t.assign(0);
         for o in 0..10 {
-            t.consumed(0, o);
+            t.consumed(0, o, 1);
             t.done(0, o);
         }
         assert_eq!(t.span(0), 10);
@@ -231,9 +262,10 @@ mod tests {
     #[test]
     fn partitions_pause_past_the_span_and_resume_at_half() {
         let mut t = OffsetTracker::new(1000);
+        t.assign(0);
         t.assign(1);
         for o in 0..10 {
-            t.consumed(0, o);
+            t.consumed(0, o, 1);
         }
         assert_eq!(t.pause_changes(false, 10), (vec![0], vec![]));
         assert_eq!(t.pause_changes(false, 10), (vec![], vec![]), "applied once");
@@ -266,7 +298,8 @@ mod tests {
     #[test]
     fn a_failed_commit_is_asked_again() {
         let mut t = OffsetTracker::new(100);
-        t.consumed(0, 0);
+        t.assign(0);
+        t.consumed(0, 0, 1);
         t.done(0, 0);
         assert_eq!(t.to_commit(), [(0, 1)]);
         t.commit_failed(0);
@@ -276,17 +309,25 @@ mod tests {
     #[test]
     fn records_within_the_window_after_the_start_are_suspect() {
         let mut t = OffsetTracker::new(3);
-        assert!(t.consumed(0, 50));
-        assert!(t.consumed(0, 52));
-        assert!(!t.consumed(0, 53));
-        assert!(t.consumed(1, 7), "each partition has its own window");
+        t.assign(0);
+        t.assign(1);
+        assert_eq!(t.consumed(0, 50, 1), Some(true));
+        assert_eq!(t.consumed(0, 52, 1), Some(true));
+        assert_eq!(t.consumed(0, 53, 1), Some(false));
+        assert_eq!(
+            t.consumed(1, 7, 1),
+            Some(true),
+            "each partition has its own window"
+        );
     }
 
     #[test]
     fn partitions_are_independent_and_revoke_forgets() {
         let mut t = OffsetTracker::new(10);
-        t.consumed(0, 1);
-        t.consumed(1, 7);
+        t.assign(0);
+        t.assign(1);
+        t.consumed(0, 1, 1);
+        t.consumed(1, 7, 1);
         t.writing(1, 7);
         assert!(t.is_writing(1));
         t.done(1, 7);
@@ -297,5 +338,34 @@ mod tests {
         assert!(t.to_commit().is_empty());
         assert!(!t.owns(1));
         assert!(t.owns(0));
+    }
+
+    /// A record delivered for a partition this consumer does not own (still in librdkafka's
+    /// queue from before a revoke) is not adopted: it is the new owner's to write.
+    #[test]
+    fn records_of_partitions_not_owned_are_dropped() {
+        let mut t = OffsetTracker::new(10);
+        assert_eq!(t.consumed(3, 7, 100), None);
+        assert!(!t.owns(3));
+        assert_eq!(t.in_flight(), 0);
+        assert_eq!(t.in_flight_bytes(), 0);
+        assert!(t.to_commit().is_empty());
+    }
+
+    #[test]
+    fn bytes_in_flight_follow_records_and_revokes() {
+        let mut t = OffsetTracker::new(10);
+        t.assign(0);
+        t.assign(1);
+        t.consumed(0, 0, 100);
+        t.consumed(0, 1, 50);
+        t.consumed(1, 0, 7);
+        t.consumed(1, 0, 7);
+        assert_eq!(t.in_flight_bytes(), 157);
+        t.done(0, 0);
+        assert_eq!(t.in_flight_bytes(), 57);
+        t.revoke(1);
+        assert_eq!(t.in_flight_bytes(), 50);
+        assert_eq!(t.owned(), [0]);
     }
 }

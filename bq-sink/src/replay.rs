@@ -1,18 +1,24 @@
 //! `bq-sink replay-dlq`: puts dead letters back on the main topic once their cause is fixed
 //! (a stream added to the catalogue, a table's schema repaired). Reads the dead-letter topic
-//! from its start up to where it ended when the command began, filters, and republishes each
-//! match with its original key. Replayed envelopes are flagged, so the sink looks their hit_id
-//! up before writing and a second replay cannot duplicate a row.
+//! from the replay's cursor (a named consumer group, so a second run does not replay the same
+//! letters again) up to where the topic ended when the command began, filters, republishes
+//! each match with its original key (pipelined, every acknowledgement awaited), and then moves
+//! the cursor. Replayed envelopes are flagged, so the sink looks their hit_id up before writing
+//! and replaying twice can never write a row twice.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use hookpipe_proto::{DeadLetter, Envelope, Message as _};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use uuid::Uuid;
+
+/// Reasons whose records can never become rows: replaying them would only dead-letter them
+/// again.
+pub const CANNOT_COME_BACK: [&str; 1] = ["undecodable"];
 
 /// Which dead letters to replay. Times are compared with the hit's `received_at` (for a record
 /// that was never a decodable envelope, with when it was dead-lettered).
@@ -21,9 +27,10 @@ pub struct ReplayArgs {
     /// Only dead letters of this stream.
     #[arg(long)]
     pub stream: Option<Uuid>,
-    /// Only dead letters with this reason (undecodable, unknown_stream, invalid_payload,
-    /// rejected_by_bigquery, schema_mismatch).
-    #[arg(long)]
+    /// Only dead letters with this reason (unknown_stream, invalid_payload,
+    /// rejected_by_bigquery, schema_mismatch; `undecodable` records can never be rows and are
+    /// refused).
+    #[arg(long, value_parser = parse_reason)]
     pub reason: Option<String>,
     /// Only hits received at or after this instant (RFC 3339, e.g. 2026-11-27T00:00:00Z).
     #[arg(long, value_parser = parse_instant)]
@@ -31,15 +38,33 @@ pub struct ReplayArgs {
     /// Only hits received before this instant (RFC 3339).
     #[arg(long, value_parser = parse_instant)]
     pub until: Option<i64>,
-    /// Count what would be replayed without publishing anything.
+    /// Count what would be replayed without publishing anything (the cursor does not move).
     #[arg(long)]
     pub dry_run: bool,
+    /// The replay's cursor: a consumer group on the dead-letter topic. Defaults to
+    /// `<HOOKPIPE_GROUP_ID>.replay`, plus the reason and stream filters, so each kind of replay
+    /// has its own cursor.
+    #[arg(long = "cursor")]
+    pub cursor: Option<String>,
+    /// Read the dead-letter topic from its start, not from the cursor (replaying again is
+    /// harmless: the sink looks replayed rows up before writing).
+    #[arg(long)]
+    pub from_start: bool,
 }
 
 fn parse_instant(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp_millis())
         .map_err(|e| format!("`{s}` is not an RFC 3339 instant: {e}"))
+}
+
+fn parse_reason(s: &str) -> Result<String, String> {
+    if CANNOT_COME_BACK.contains(&s) {
+        return Err(format!(
+            "`{s}` records can never become rows (not an envelope, or a receipt day outside BigQuery's DATE range); replaying them would dead-letter them again"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 impl ReplayArgs {
@@ -55,6 +80,23 @@ impl ReplayArgs {
             && self.reason.as_deref().is_none_or(|r| letter.reason == r)
             && self.since.is_none_or(|t| when >= t)
             && self.until.is_none_or(|t| when < t)
+    }
+
+    /// The cursor's consumer group.
+    pub fn cursor_group(&self, group: &str) -> String {
+        if let Some(cursor) = &self.cursor {
+            return cursor.clone();
+        }
+        let mut name = format!("{group}.replay");
+        if let Some(reason) = &self.reason {
+            name.push('.');
+            name.push_str(reason);
+        }
+        if let Some(stream) = &self.stream {
+            name.push('.');
+            name.push_str(&stream.to_string());
+        }
+        name
     }
 }
 
@@ -72,9 +114,26 @@ pub fn replay_value(letter: &DeadLetter) -> Vec<u8> {
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Summary {
+    pub cursor: String,
     pub read: u64,
     pub matched: u64,
     pub replayed: u64,
+    /// Letters that can never come back (undecodable) or were stored truncated.
+    pub skipped: u64,
+}
+
+impl Summary {
+    pub fn describe(&self, dlq_topic: &str, topic: &str, dry_run: bool) -> String {
+        format!(
+            "read {} dead letters from {dlq_topic} (cursor {}), {} matched, {} replayed to {topic}, {} skipped (cannot come back){}",
+            self.read,
+            self.cursor,
+            self.matched,
+            self.replayed,
+            self.skipped,
+            if dry_run { " (dry run)" } else { "" }
+        )
+    }
 }
 
 /// Replays from `dlq_topic` to `topic`.
@@ -82,18 +141,22 @@ pub async fn run(
     base: &ClientConfig,
     dlq_topic: &str,
     topic: &str,
+    group: &str,
     args: &ReplayArgs,
 ) -> Result<Summary, String> {
+    let cursor = args.cursor_group(group);
     let mut consumer_config = base.clone();
     consumer_config
-        .set("group.id", format!("bq-sink-replay-{}", Uuid::now_v7()))
+        .set("group.id", &cursor)
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
     let consumer: StreamConsumer = consumer_config.create().map_err(|e| e.to_string())?;
     let mut producer_config = base.clone();
     producer_config
         .set("enable.idempotence", "true")
-        .set("acks", "all");
+        .set("acks", "all")
+        .set("message.max.bytes", "16777216");
     let producer: FutureProducer = producer_config.create().map_err(|e| e.to_string())?;
 
     // Where each partition ends now: records dead-lettered later are not this run's business.
@@ -105,24 +168,48 @@ pub async fn run(
         .first()
         .map(|t| t.partitions().iter().map(|p| p.id()).collect())
         .unwrap_or_default();
+    let mut wanted = TopicPartitionList::new();
+    for p in &partitions {
+        wanted.add_partition(dlq_topic, *p);
+    }
+    let committed = if args.from_start {
+        TopicPartitionList::new()
+    } else {
+        consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .map_err(|e| format!("reading the cursor {cursor}: {e}"))?
+    };
     let mut ends: HashMap<i32, i64> = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in partitions {
         let (low, high) = consumer
             .fetch_watermarks(dlq_topic, p, Duration::from_secs(10))
             .map_err(|e| format!("reading {dlq_topic}/{p} watermarks: {e}"))?;
-        if high > low {
+        let from = committed
+            .find_partition(dlq_topic, p)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(low)
+            .max(low);
+        if high > from {
             ends.insert(p, high);
             assignment
-                .add_partition_offset(dlq_topic, p, Offset::Offset(low))
+                .add_partition_offset(dlq_topic, p, Offset::Offset(from))
                 .map_err(|e| e.to_string())?;
         }
     }
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        cursor: cursor.clone(),
+        ..Summary::default()
+    };
     if ends.is_empty() {
         return Ok(summary);
     }
+    let finished: HashMap<i32, i64> = ends.clone();
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    let mut sends = Vec::new();
     while !ends.is_empty() {
         let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
@@ -144,20 +231,44 @@ pub async fn run(
         if !args.matches(&letter) {
             continue;
         }
+        if CANNOT_COME_BACK.contains(&letter.reason.as_str()) || letter.truncated {
+            summary.skipped += 1;
+            continue;
+        }
         summary.matched += 1;
         if args.dry_run {
             continue;
         }
         let value = replay_value(&letter);
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&value);
-        if !letter.original_key.is_empty() {
-            record = record.key(&letter.original_key);
-        }
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| format!("publishing to {topic}: {e}"))?;
+        let key = letter.original_key;
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        sends.push(async move {
+            let mut record = FutureRecord::<[u8], [u8]>::to(&topic).payload(&value);
+            if !key.is_empty() {
+                record = record.key(&key);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| format!("publishing to {topic}: {e}"))
+        });
+    }
+    for result in futures_util::future::join_all(sends).await {
+        result?;
         summary.replayed += 1;
+    }
+    if !args.dry_run {
+        // Every replayed letter is acknowledged on the main topic: move the cursor past them.
+        let mut tpl = TopicPartitionList::new();
+        for (p, end) in finished {
+            tpl.add_partition_offset(dlq_topic, p, Offset::Offset(end))
+                .map_err(|e| e.to_string())?;
+        }
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| format!("moving the cursor {cursor}: {e}"))?;
     }
     Ok(summary)
 }
@@ -217,6 +328,26 @@ mod tests {
         };
         assert!(!later.matches(&l));
         assert_eq!(parse_instant("1970-01-01T00:16:40Z"), Ok(1_000_000));
+    }
+
+    #[test]
+    fn undecodable_letters_are_refused_and_cursors_follow_the_filters() {
+        assert!(parse_reason("undecodable").is_err());
+        assert_eq!(parse_reason("unknown_stream"), Ok("unknown_stream".into()));
+        let args = ReplayArgs {
+            reason: Some("unknown_stream".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            args.cursor_group("bq-sink"),
+            "bq-sink.replay.unknown_stream"
+        );
+        assert_eq!(ReplayArgs::default().cursor_group("g"), "g.replay");
+        let named = ReplayArgs {
+            cursor: Some("mine".into()),
+            ..args
+        };
+        assert_eq!(named.cursor_group("g"), "mine");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use bq_sink::row::{Poison, place};
+use bq_sink::row::{PlaceCache, Poison, place};
+use bytes::Bytes;
 use hookpipe_common::Catalogue;
 use hookpipe_proto::{Envelope, Message};
 use proptest::prelude::*;
@@ -28,7 +29,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic_the_decoder_or_the_placer(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = Envelope::decode(bytes.as_slice());
-        let _ = place(&bytes, &catalogue());
+        let _ = place(&Bytes::from(bytes), &catalogue(), &mut PlaceCache::default());
     }
 
     #[test]
@@ -42,6 +43,7 @@ proptest! {
         method in "[A-Z]{0,7}",
         idempotency_key in proptest::option::of("\\PC{0,40}"),
         replayed in any::<bool>(),
+        carries_placement in any::<bool>(),
     ) {
         let envelope = Envelope {
             hit_id: if hit_is_uuid { uuid::Uuid::from_u128(hit).to_string() } else { "not-a-uuid".into() },
@@ -51,6 +53,10 @@ proptest! {
             method,
             idempotency_key,
             replayed,
+            // Envelopes from current gateways name the table and zone themselves; older ones
+            // are placed with the sink's catalogue.
+            table: if carries_placement { "local-project.d.t".into() } else { String::new() },
+            timezone: if carries_placement { "America/New_York".into() } else { String::new() },
             ..Default::default()
         };
         let bytes = envelope.encode_to_vec();
@@ -65,15 +71,18 @@ proptest! {
             .zone
             .date_of(received_at_ms)
             .is_some_and(|d| (1..=9999).contains(&chrono::Datelike::year(&d)));
-        match place(&bytes, &catalogue()) {
+        let placeable = known_stream || carries_placement;
+        match place(&Bytes::from(bytes), &catalogue(), &mut PlaceCache::default()) {
             Ok(placed) => {
-                prop_assert!(known_stream && hit_is_uuid && utf8 && in_range);
-                prop_assert_eq!(placed.row.payload.as_bytes(), payload.as_slice());
+                prop_assert!(placeable && hit_is_uuid && utf8 && in_range);
+                prop_assert_eq!(&placed.row.payload[..], payload.as_slice());
                 prop_assert_eq!(placed.row.received_at, received_at_ms);
-                prop_assert_eq!(placed.row.hit_id, envelope.hit_id);
+                prop_assert_eq!(placed.row.hit_id.to_string(), envelope.hit_id);
                 prop_assert_eq!(placed.replayed, replayed);
+                let table = if carries_placement { "local-project.d.t" } else { "local-project.offline_data.crm_orders" };
+                prop_assert_eq!(placed.table.to_string(), table);
             }
-            Err((Poison::UnknownStream, _)) => prop_assert!(!known_stream && hit_is_uuid),
+            Err((Poison::UnknownStream, _)) => prop_assert!(!placeable && hit_is_uuid),
             Err((Poison::InvalidPayload, _)) => prop_assert!(!utf8),
             Err((Poison::Undecodable, detail)) => {
                 prop_assert!(!hit_is_uuid || !in_range, "{}", detail)

@@ -15,6 +15,9 @@ pub struct Received<'a> {
     pub idempotency_key: Option<&'a str>,
     pub remote_addr: String,
     pub user_agent: &'a str,
+    /// The stream's table and zone, as resolved from the catalogue at receipt.
+    pub table: &'a str,
+    pub timezone: &'a str,
 }
 
 /// The hit's id. With an idempotency key it is UUID v5 of (stream id, key), so a sender's retry
@@ -40,6 +43,8 @@ pub fn build(received: Received<'_>) -> Envelope {
         remote_addr: received.remote_addr,
         user_agent: received.user_agent.to_owned(),
         replayed: false,
+        table: received.table.to_owned(),
+        timezone: received.timezone.to_owned(),
     }
 }
 
@@ -86,11 +91,15 @@ mod tests {
             idempotency_key: None,
             remote_addr: "127.0.0.1:5000".into(),
             user_agent: "curl/8",
+            table: "local-project.offline_data.crm_orders",
+            timezone: "+03:00",
         });
         let decoded = Envelope::decode(env.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, env);
         assert_eq!(decoded.payload, body);
         assert_eq!(decoded.stream_id, STREAM);
         assert_eq!(decoded.idempotency_key, None);
+        assert_eq!(decoded.table, "local-project.offline_data.crm_orders");
+        assert_eq!(decoded.timezone, "+03:00");
     }
 }

@@ -34,6 +34,16 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 pub struct GatewayStreams {
     pub catalogue: Catalogue,
     pub verifiers: HashMap<Uuid, Verifier>,
+    /// Each stream's table and zone as the envelope carries them, formatted once per catalogue
+    /// version rather than per request.
+    pub placements: HashMap<Uuid, Placement>,
+}
+
+/// Where a stream's hits go, as written into every envelope.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub table: String,
+    pub timezone: String,
 }
 
 impl GatewayStreams {
@@ -41,6 +51,18 @@ impl GatewayStreams {
     /// refused as a whole, so a stream is never served without its auth rule.
     pub fn build(catalogue: Catalogue) -> Result<Self, String> {
         let mut verifiers = HashMap::new();
+        let placements = catalogue
+            .streams()
+            .map(|s| {
+                (
+                    s.id,
+                    Placement {
+                        table: s.table.to_string(),
+                        timezone: s.zone.to_string(),
+                    },
+                )
+            })
+            .collect();
         for stream in catalogue.streams() {
             if let Some(spec) = &stream.auth {
                 let verifier = Verifier::from_spec(spec)
@@ -51,6 +73,7 @@ impl GatewayStreams {
         Ok(Self {
             catalogue,
             verifiers,
+            placements,
         })
     }
 }
@@ -183,7 +206,10 @@ async fn accept<P: Publish>(
         .map(|ConnectInfo(addr)| addr.to_string())
         .unwrap_or_default();
     let payload_len = payload.len();
+    let placement = streams.placements.get(&stream_id);
     let envelope = envelope::build(Received {
+        table: placement.map_or("", |p| p.table.as_str()),
+        timezone: placement.map_or("", |p| p.timezone.as_str()),
         stream_id,
         received_at_ms,
         payload,

@@ -7,4 +7,4 @@ pub mod v1 {
 }
 
 pub use prost::Message;
-pub use v1::{DeadLetter, Envelope};
+pub use v1::{DeadLetter, Envelope, Parked};

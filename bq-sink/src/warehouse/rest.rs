@@ -1,14 +1,13 @@
-//! BigQuery I/O behind a small trait: make sure a stream's table exists with the right schema,
-//! and insert rows with `insertAll` (hit_id as insertId). Every failure is classified here as
-//! transient (retry, never skip) or permanent for specific rows (dead-letter them).
+//! BigQuery's REST API: datasets and tables (created when missing, schema checked), the suspect
+//! lookups (queries), and the `insertAll` write path. Failures are classified into
+//! [`WriteError`] here.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::NaiveDate;
-
 use async_trait::async_trait;
+use chrono::NaiveDate;
 use gcp_bigquery_client::Client;
 use gcp_bigquery_client::auth::Authenticator;
 use gcp_bigquery_client::client_builder::ClientBuilder;
@@ -22,91 +21,31 @@ use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
 use gcp_bigquery_client::model::table_schema::TableSchema;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 use hookpipe_common::TableRef;
+use uuid::Uuid;
 
+use super::{Warehouse, WriteError, in_date_range, lookup_dates};
 use crate::config::BigQueryArgs;
 use crate::row::Row;
 
-/// What went wrong with a BigQuery call.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
-    /// Worth retrying: network, 429, quota, credentials, timeouts.
-    #[error("transient: {0}")]
-    Transient(String),
-    /// HTTP 5xx. Usually transient; but the emulator also answers a bad row with HTTP 500 for
-    /// the whole request, so the writer checks whether BigQuery is up before retrying as is.
-    #[error("server error: {0}")]
-    ServerError(String),
-    /// The table exists with a schema rows cannot be written to.
-    #[error("schema mismatch: {0}")]
-    SchemaMismatch(String),
-    /// BigQuery refused these rows (by index in the request) for good; the others may be
-    /// retried.
-    #[error("{} rows rejected", .0.len())]
-    RowsRejected(Vec<(usize, String)>),
-    /// The request as a whole was refused as invalid (HTTP 400): some row in it is bad, but
-    /// BigQuery did not say which.
-    #[error("request rejected: {0}")]
-    RequestRejected(String),
-    #[error("table not found")]
-    TableMissing,
-}
-
-impl WriteError {
-    /// Metric label for `bq_sink_write_errors_total{kind}`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            WriteError::Transient(_) => "transient",
-            WriteError::ServerError(_) => "server_error",
-            WriteError::SchemaMismatch(_) => "schema_mismatch",
-            WriteError::RowsRejected(_) => "rows_rejected",
-            WriteError::RequestRejected(_) => "request_rejected",
-            WriteError::TableMissing => "table_missing",
-        }
-    }
-}
-
-#[async_trait]
-pub trait Warehouse: Send + Sync + 'static {
-    /// Creates the dataset and table when missing; checks the schema of an existing table.
-    async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError>;
-    /// Inserts rows; `Ok` means all of them are stored.
-    async fn insert(&self, table: &TableRef, rows: &[&Row]) -> Result<(), WriteError>;
-    /// Which of `hit_ids` (rows of the given `dates`) the table already holds.
-    async fn existing_hit_ids(
-        &self,
-        table: &TableRef,
-        dates: &BTreeSet<NaiveDate>,
-        hit_ids: &[&str],
-    ) -> Result<HashSet<String>, WriteError>;
-}
-
-/// The lookup for suspect rows: only their date partitions are read. Values are inlined:
-/// hit_ids are UUIDs and dates are dates, both checked before they get here, and table names
+/// The lookup for suspect rows: only their date partitions (and the days either side) are
+/// read. Values are inlined: hit_ids are UUIDs and dates are dates by type, and table names
 /// were validated by the catalogue.
 pub fn existing_hit_ids_sql(
     table: &TableRef,
     dates: &BTreeSet<NaiveDate>,
-    hit_ids: &[&str],
+    hit_ids: &[Uuid],
 ) -> String {
-    let dates = dates
+    let dates = lookup_dates(dates)
         .iter()
-        .filter(|d| in_date_range(d))
         .map(|d| format!("DATE '{d}'"))
         .collect::<Vec<_>>()
         .join(", ");
     let ids = hit_ids
         .iter()
-        .filter(|id| uuid::Uuid::try_parse(id).is_ok())
         .map(|id| format!("'{id}'"))
         .collect::<Vec<_>>()
         .join(", ");
     format!("SELECT DISTINCT hit_id FROM `{table}` WHERE date IN ({dates}) AND hit_id IN ({ids})")
-}
-
-/// Whether BigQuery's DATE type can hold `date` (years 1 to 9999). A row outside cannot be in
-/// any table, and a query naming such a date fails.
-pub fn in_date_range(date: &NaiveDate) -> bool {
-    (1..=9999).contains(&chrono::Datelike::year(date))
 }
 
 /// The columns of every stream table, exactly as DESIGN.md fixes them.
@@ -160,8 +99,9 @@ pub fn check_schema(existing: Option<&TableSchema>) -> Result<(), String> {
     Ok(())
 }
 
-/// Classifies a client error. Anything that is not clearly the data's fault is transient:
-/// credentials, quota and outages get fixed, and the rows must still be written then.
+/// Classifies a client error. Anything that is not clearly the data's fault is retried:
+/// credentials, permissions, quota and outages get fixed, and the rows must still be written
+/// then (or parked meanwhile).
 pub fn classify(error: BQError) -> WriteError {
     match error {
         BQError::ResponseError { error } => {
@@ -172,15 +112,21 @@ pub fn classify(error: BQError) -> WriteError {
                 .and_then(|m| m.get("reason"))
                 .map(String::as_str)
                 .unwrap_or("");
+            let text = || format!("HTTP {} {reason}: {}", e.code, e.message);
             match e.code {
                 404 => WriteError::TableMissing,
                 400 if reason != "backendError" => WriteError::RequestRejected(e.message),
-                500.. => {
-                    WriteError::ServerError(format!("HTTP {} {reason}: {}", e.code, e.message))
+                403 if matches!(reason, "rateLimitExceeded" | "quotaExceeded") => {
+                    WriteError::Transient(text())
                 }
-                _ => WriteError::Transient(format!("HTTP {} {reason}: {}", e.code, e.message)),
+                401 | 403 => WriteError::Denied(text()),
+                500.. => WriteError::ServerError(text()),
+                _ => WriteError::Transient(text()),
             }
         }
+        // Not connected: the request never left. Anything else may have reached BigQuery.
+        BQError::RequestError(e) if e.is_connect() => WriteError::Transient(e.to_string()),
+        BQError::RequestError(e) => WriteError::Ambiguous(e.to_string()),
         other => WriteError::Transient(other.to_string()),
     }
 }
@@ -196,13 +142,14 @@ impl Authenticator for NoAuth {
     }
 }
 
-pub struct BigQuery {
+/// The REST client: tables, lookups and insertAll.
+pub struct Rest {
     client: Client,
     location: Option<String>,
     partition_expiration: Option<Duration>,
 }
 
-impl BigQuery {
+impl Rest {
     pub async fn connect(args: &BigQueryArgs) -> Result<Self, BQError> {
         let http = reqwest::Client::builder()
             .timeout(args.timeout)
@@ -275,20 +222,21 @@ impl BigQuery {
     }
 }
 
-#[async_trait]
-impl Warehouse for BigQuery {
-    async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError> {
+impl Rest {
+    /// Creates the dataset and table when missing; checks the schema of an existing one.
+    pub async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError> {
         match self.check(table).await {
             Err(WriteError::TableMissing) => self.create(table).await,
             other => other,
         }
     }
 
-    async fn insert(&self, table: &TableRef, rows: &[&Row]) -> Result<(), WriteError> {
+    /// `tabledata.insertAll` with hit_id as insertId. `Ok` means every row is stored.
+    pub async fn insert_all(&self, table: &TableRef, rows: &[&Row]) -> Result<(), WriteError> {
         let mut request = TableDataInsertAllRequest::new();
         for row in rows {
             request
-                .add_row(Some(row.hit_id.clone()), row)
+                .add_row(Some(row.hit_id.to_string()), row)
                 .map_err(|e| WriteError::Transient(e.to_string()))?;
         }
         let response = self
@@ -330,12 +278,13 @@ impl Warehouse for BigQuery {
         }
     }
 
-    async fn existing_hit_ids(
+    /// Which of `hit_ids` the table holds (see [`existing_hit_ids_sql`]).
+    pub async fn existing_hit_ids(
         &self,
         table: &TableRef,
         dates: &BTreeSet<NaiveDate>,
-        hit_ids: &[&str],
-    ) -> Result<HashSet<String>, WriteError> {
+        hit_ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, WriteError> {
         if hit_ids.is_empty() || !dates.iter().any(in_date_range) {
             return Ok(HashSet::new());
         }
@@ -366,9 +315,39 @@ impl Warehouse for BigQuery {
             .into_iter()
             .filter_map(|row| {
                 let cell = row.columns?.into_iter().next()?.value?;
-                cell.as_str().map(str::to_owned)
+                Uuid::try_parse(cell.as_str()?).ok()
             })
             .collect())
+    }
+}
+
+/// The legacy write path: `tabledata.insertAll` (`HOOKPIPE_BIGQUERY_WRITE_API=insert-all`).
+pub struct InsertAll {
+    pub rest: Arc<Rest>,
+}
+
+#[async_trait]
+impl Warehouse for InsertAll {
+    async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError> {
+        self.rest.ensure_table(table).await
+    }
+
+    async fn write(
+        &self,
+        table: &TableRef,
+        _partition: i32,
+        rows: &[&Row],
+    ) -> Result<(), WriteError> {
+        self.rest.insert_all(table, rows).await
+    }
+
+    async fn existing_hit_ids(
+        &self,
+        table: &TableRef,
+        dates: &BTreeSet<NaiveDate>,
+        hit_ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, WriteError> {
+        self.rest.existing_hit_ids(table, dates, hit_ids).await
     }
 }
 
@@ -385,11 +364,11 @@ mod tests {
         let sql = existing_hit_ids_sql(
             &table,
             &dates,
-            &["83cc2a6a-4829-4410-bab4-95b680c5b8d7", "x' OR '1'='1"],
+            &["83cc2a6a-4829-4410-bab4-95b680c5b8d7".parse().unwrap()],
         );
         assert_eq!(
             sql,
-            "SELECT DISTINCT hit_id FROM `p.d.t` WHERE date IN (DATE '2020-10-19') AND hit_id IN ('83cc2a6a-4829-4410-bab4-95b680c5b8d7')"
+            "SELECT DISTINCT hit_id FROM `p.d.t` WHERE date IN (DATE '2020-10-18', DATE '2020-10-19', DATE '2020-10-20') AND hit_id IN ('83cc2a6a-4829-4410-bab4-95b680c5b8d7')"
         );
     }
 
