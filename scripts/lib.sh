@@ -7,7 +7,10 @@
 
 HOOKPIPE_CACHE="${HOOKPIPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hookpipe}"
 TANSU_VERSION="0.6.0"
-TANSU_BIN="$HOOKPIPE_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+# The broker is built with the patches in scripts/patches (see ensure_tansu); the suffix
+# changes whenever they do, so a cache built without them is not reused.
+TANSU_BUILD="$TANSU_VERSION-hookpipe1"
+TANSU_BIN="$HOOKPIPE_CACHE/tansu-$TANSU_BUILD/bin/tansu"
 BQEMU_VENV="$HOOKPIPE_CACHE/bqemulator-1.4.0-venv"
 BQEMU_BIN="$BQEMU_VENV/bin/bqemulator"
 
@@ -15,18 +18,40 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # ensure_tansu: build the tansu broker once (about 15 minutes on 2 cores) into the cache.
+#
+# It is built from crates.io with its own lock file and one patch of ours to tansu-broker
+# (scripts/patches/tansu-0.6.0-forming-leader.patch): in 0.6.0 a group whose leader leaves (or
+# is expired) while the group is forming keeps waiting for that leader forever, so after a
+# broker pause longer than the session timeout no member is ever given partitions again. Real
+# Kafka clears the leader; the patch does the same, so the local broker stands in for Kafka
+# in the pause tests instead of wedging. Nothing else changes.
 ensure_tansu() {
   if [ -x "$TANSU_BIN" ]; then return 0; fi
-  log "building tansu $TANSU_VERSION into $HOOKPIPE_CACHE (once; about 15 minutes on 2 cores)"
+  log "building tansu $TANSU_BUILD into $HOOKPIPE_CACHE (once; about 15 minutes on 2 cores)"
+  command -v patch >/dev/null || apt_install patch
   mkdir -p "$HOOKPIPE_CACHE"
-  local tmp="$HOOKPIPE_CACHE/tansu-$TANSU_VERSION.partial"
-  rm -rf "$tmp"
+  local tmp="$HOOKPIPE_CACHE/tansu-$TANSU_BUILD.partial" src="$HOOKPIPE_CACHE/tansu-broker-src"
+  rm -rf "$tmp" "$src"
+  # The published tansu-broker source, from the cargo registry (fetched through a scratch
+  # package that depends on exactly that version).
+  mkdir -p "$src/scratch/src"
+  printf '[package]\nname = "scratch"\nversion = "0.0.0"\nedition = "2021"\n\n[dependencies]\ntansu-broker = { version = "=%s", default-features = false }\n' \
+    "$TANSU_VERSION" >"$src/scratch/Cargo.toml"
+  : >"$src/scratch/src/lib.rs"
+  (cd "$src/scratch" && cargo fetch -q >&2) || die "fetching tansu-broker $TANSU_VERSION failed"
+  local crate
+  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"tansu-broker-$TANSU_VERSION.crate" 2>/dev/null | head -1)
+  [ -n "$crate" ] || die "tansu-broker-$TANSU_VERSION.crate not found in the cargo cache"
+  tar -xzf "$crate" -C "$src" || die "unpacking $crate failed"
+  patch -s -p1 -d "$src/tansu-broker-$TANSU_VERSION" <scripts/patches/tansu-0.6.0-forming-leader.patch \
+    || die "patching tansu-broker failed"
   cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore \
+    --config "patch.crates-io.tansu-broker.path=\"$src/tansu-broker-$TANSU_VERSION\"" \
     --root "$tmp" --target-dir "$HOOKPIPE_CACHE/tansu-target" >&2 \
     || die "cargo install tansu failed"
-  rm -rf "$HOOKPIPE_CACHE/tansu-$TANSU_VERSION"
-  mv "$tmp" "$HOOKPIPE_CACHE/tansu-$TANSU_VERSION"
-  rm -rf "$HOOKPIPE_CACHE/tansu-target"
+  rm -rf "$HOOKPIPE_CACHE/tansu-$TANSU_BUILD"
+  mv "$tmp" "$HOOKPIPE_CACHE/tansu-$TANSU_BUILD"
+  rm -rf "$HOOKPIPE_CACHE/tansu-target" "$src"
 }
 
 # ensure_bqemulator: a private venv with the pinned BigQuery emulator and DuckDB's
@@ -141,8 +166,10 @@ start_broker() {
   local dir=$1 port=$2
   port_free "$port"
   mkdir -p "$dir"
-  # tansu resolves sqlite:// paths relative to its working directory.
-  (cd "$dir" && exec "$TANSU_BIN" broker \
+  # tansu resolves sqlite:// paths relative to its working directory. Its own process group
+  # (setsid): Ctrl-C in the terminal reaches the script, which stops the broker last, after
+  # the sink has left its group.
+  (cd "$dir" && exec setsid "$TANSU_BIN" broker \
       --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" \
       --storage-engine "sqlite://tansu.db" >"$dir/broker.log" 2>&1) &
@@ -158,7 +185,7 @@ start_emulator() {
   port_free "$rest"
   port_free "$grpc"
   mkdir -p "$dir/data"
-  "$BQEMU_BIN" start --rest-host 127.0.0.1 --rest-port "$rest" \
+  setsid "$BQEMU_BIN" start --rest-host 127.0.0.1 --rest-port "$rest" \
       --grpc-host 127.0.0.1 --grpc-port "$grpc" --project local-project \
       --persistent --data-dir "$dir/data" --log-level warning >"$dir/emulator.log" 2>&1 &
   STARTED_PIDS+=($!)
@@ -179,19 +206,26 @@ create_topic() {
   fi
 }
 
-# stop_started: stop everything this script started, newest first, politely then firmly.
-stop_started() {
-  local pid i
-  for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
-    pid=${STARTED_PIDS[$i]}
-    kill -TERM "$pid" 2>/dev/null || true
+# stop_pid PID SECONDS: SIGTERM, wait up to SECONDS for the exit, then SIGKILL.
+stop_pid() {
+  local pid=$1 deadline=$((SECONDS + $2))
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
   done
-  for pid in "${STARTED_PIDS[@]}"; do
-    for _ in $(seq 1 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# stop_started: stop everything this script started, newest first, each one waited for before
+# the next (so the sink leaves its group and commits before the broker goes away).
+stop_started() {
+  local i
+  for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+    stop_pid "${STARTED_PIDS[$i]}" 25
   done
   STARTED_PIDS=()
 }

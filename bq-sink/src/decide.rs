@@ -10,8 +10,9 @@
 //!   table; replay brings them back).
 //! - A server error (5xx) is transient on BigQuery and never dead-letters a row. Only where the
 //!   destination is known to answer a bad row with HTTP 500 for the whole request (the
-//!   emulator; `HOOKPIPE_BIGQUERY_BAD_ROWS_AS_5XX`) and the table itself answers, the request
-//!   is split to find the bad row, which is dead-lettered after repeated strikes alone.
+//!   emulator; `HOOKPIPE_BIGQUERY_BAD_ROWS_AS_5XX`), the answer is exactly 500 (a 502, 503 or
+//!   504 is an outage even there) and the table itself answers, the request is split to find
+//!   the bad row, which is dead-lettered after repeated strikes alone.
 //! - Anything else that fails (403, quota, a deleted dataset, an outage) is retried with
 //!   backoff. When *this* table keeps failing for the park budget while another table was
 //!   written meanwhile, or while its stuck rows hold the partitions back (pressure), its rows
@@ -89,7 +90,10 @@ pub fn decide(policy: &Policy, error: &WriteError, s: &Situation) -> Action {
         WriteError::SchemaMismatch(detail) => {
             Action::RejectAll(Poison::SchemaMismatch, detail.clone())
         }
-        WriteError::ServerError(detail) if policy.bad_rows_as_5xx => match s.table_answers {
+        WriteError::ServerError {
+            status: 500,
+            detail,
+        } if policy.bad_rows_as_5xx => match s.table_answers {
             None => Action::ProbeTable,
             Some(true) if s.rows > 1 => Action::Split,
             Some(true) if s.strikes + 1 >= policy.poison_strikes => Action::RejectAll(
@@ -226,7 +230,17 @@ mod tests {
     }
 
     fn server() -> WriteError {
-        WriteError::ServerError("HTTP 503 backendError".into())
+        WriteError::ServerError {
+            status: 500,
+            detail: "HTTP 500 internalError".into(),
+        }
+    }
+
+    fn unavailable() -> WriteError {
+        WriteError::ServerError {
+            status: 503,
+            detail: "HTTP 503 backendError".into(),
+        }
     }
 
     #[test]
@@ -257,26 +271,33 @@ mod tests {
         );
     }
 
-    /// The 5xx storm: in production a 5xx never dead-letters a row, however long.
+    /// The 5xx storm: in production a 5xx never dead-letters a row, however long; and
+    /// even on the emulator a 503 is an outage, not a bad row.
     #[test]
-    fn in_production_a_5xx_storm_is_retried_and_never_rejects_a_row() {
-        for rows in [1, 2, 500] {
-            for strikes in [0, 2, 100] {
-                let situation = Situation {
-                    rows,
-                    strikes,
-                    table_answers: Some(true),
-                    failing_for: Duration::from_secs(30),
-                    ..Situation::default()
-                };
-                assert_eq!(
-                    decide(&PROD, &server(), &situation),
-                    Action::Retry {
-                        suspect: true,
-                        recreate: false
-                    },
-                    "{rows} rows, {strikes} strikes"
-                );
+    fn a_5xx_storm_is_retried_and_never_rejects_a_row() {
+        for (policy, error) in [
+            (PROD, server()),
+            (PROD, unavailable()),
+            (EMULATOR, unavailable()),
+        ] {
+            for rows in [1, 2, 500] {
+                for strikes in [0, 2, 100] {
+                    let situation = Situation {
+                        rows,
+                        strikes,
+                        table_answers: Some(true),
+                        failing_for: Duration::from_secs(30),
+                        ..Situation::default()
+                    };
+                    assert_eq!(
+                        decide(&policy, &error, &situation),
+                        Action::Retry {
+                            suspect: true,
+                            recreate: false
+                        },
+                        "{error}: {rows} rows, {strikes} strikes"
+                    );
+                }
             }
         }
     }

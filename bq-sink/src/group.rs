@@ -129,7 +129,7 @@ impl Guard {
         if !orphans {
             self.rejoins = 0;
         }
-        let ready = !(owned.is_empty() && !stalled.is_empty());
+        let ready = !owned.is_empty() || stalled.is_empty();
         if let Some(lost_at) = self.lost_at
             && owned.is_empty()
             && waiting

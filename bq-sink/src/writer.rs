@@ -333,7 +333,7 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                 Err(error) => error,
             };
             self.metrics.write_error(error.kind());
-            let mut situation = run.situation(&error, chunk.len());
+            let mut situation = run.situation(chunk.len());
             let mut action = decide(&self.policy, &error, &situation);
             if action == Action::ProbeTable {
                 situation.table_answers = Some(self.table_answers(table).await);
@@ -375,7 +375,9 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                     work.push(second);
                     work.push(first);
                 }
-                Action::ProbeTable => unreachable_probe(),
+                // `decide` asks for the probe only while `table_answers` is unknown, and it
+                // was answered above.
+                Action::ProbeTable => work.push(chunk),
                 Action::Strike => {
                     if let Some(item) = chunk.first() {
                         *run.strikes.entry(item.offset).or_default() += 1;
@@ -618,11 +620,6 @@ enum Written {
     Again(Vec<Item>),
 }
 
-/// `ProbeTable` is answered before acting: `decide` never asks twice.
-fn unreachable_probe() {
-    tracing::error!("decide asked for a probe twice");
-}
-
 /// What to do after a failure outside the write request (table check, lookup).
 enum Step {
     Again,
@@ -663,10 +660,10 @@ impl<'a, W: Warehouse, S: Shelf> Run<'a, W, S> {
         self.attempts = self.writer.backoff.build();
     }
 
-    fn situation(&self, error: &WriteError, rows: usize) -> Situation {
+    /// Records the failure in the table's health and returns what `decide` needs.
+    fn situation(&self, rows: usize) -> Situation {
         let (failing_for, others_writing) =
             lock(&self.writer.health).failed(self.table, Instant::now());
-        let _ = error;
         Situation {
             rows,
             failing_for,
@@ -679,7 +676,7 @@ impl<'a, W: Warehouse, S: Shelf> Run<'a, W, S> {
 
     /// Decides after a failed table check or lookup.
     async fn after_failure(&mut self, error: &WriteError, rows: usize) -> Step {
-        let situation = self.situation(error, rows);
+        let situation = self.situation(rows);
         match decide(&self.writer.policy, error, &situation) {
             Action::Park => Step::Park,
             Action::RejectAll(reason, detail) => Step::Reject(reason, detail),

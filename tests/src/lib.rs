@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod proxy;
 pub mod soak;
 
 use rdkafka::ClientConfig;
@@ -244,6 +245,7 @@ pub struct Wiring {
     pub catalogue: PathBuf,
     pub topic: String,
     pub dlq_topic: String,
+    pub parking_topic: String,
     pub group: String,
 }
 
@@ -257,13 +259,16 @@ impl Wiring {
     pub async fn on(servers: Servers, catalogue: PathBuf, partitions: i32) -> Self {
         let topic = unique("webhooks");
         let dlq_topic = format!("{topic}-dlq");
+        let parking_topic = format!("{topic}-parked");
         create_topic(&servers, &topic, partitions).await;
         create_topic(&servers, &dlq_topic, 1).await;
+        create_topic(&servers, &parking_topic, 1).await;
         Self {
             servers,
             catalogue,
             topic,
             dlq_topic,
+            parking_topic,
             group: unique("bq-sink"),
         }
     }
@@ -321,7 +326,10 @@ impl Wiring {
         ));
         env.push(("HOOKPIPE_GROUP_ID".into(), self.group.clone()));
         env.push(("HOOKPIPE_DLQ_TOPIC".into(), self.dlq_topic.clone()));
+        env.push(("HOOKPIPE_PARKING_TOPIC".into(), self.parking_topic.clone()));
         env.push(("HOOKPIPE_BIGQUERY_AUTH".into(), "none".into()));
+        // The emulator answers a bad row with HTTP 500 for the whole request.
+        env.push(("HOOKPIPE_BIGQUERY_BAD_ROWS_AS_5XX".into(), "true".into()));
         env.push((
             "HOOKPIPE_BIGQUERY_ENDPOINT".into(),
             self.servers.bq_endpoint(),
@@ -855,4 +863,100 @@ pub async fn send_hits(
         all.extend(r.unwrap());
     }
     all
+}
+
+/// Whether `group` has committed every partition of `topic` up to its end (a partition with no
+/// records counts as done).
+pub async fn group_caught_up(brokers: &str, topic: &str, group: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let (brokers, topic, group) = (brokers.to_owned(), topic.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .create()
+            .ok()?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .ok()?;
+        let mut list = TopicPartitionList::new();
+        for p in metadata.topics().first()?.partitions() {
+            list.add_partition(&topic, p.id());
+        }
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(5))
+            .ok()?;
+        for element in committed.elements() {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, element.partition(), Duration::from_secs(5))
+                .ok()?;
+            let at = match element.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            if at < high {
+                return Some(false);
+            }
+        }
+        Some(true)
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+impl Wiring {
+    /// Whether the pipeline is quiescent: the sink's group committed to the end of every main
+    /// partition, and its parking drainer to the end of the parking topic. Only then are row
+    /// counts final (no record is still on its way to a table).
+    pub async fn quiescent(&self) -> bool {
+        group_caught_up(&self.servers.brokers, &self.topic, &self.group).await
+            && group_caught_up(
+                &self.servers.brokers,
+                &self.parking_topic,
+                &format!("{}.parking", self.group),
+            )
+            .await
+    }
+
+    /// Waits until the pipeline is quiescent, then checks that `table` holds every hit of
+    /// `acked` exactly once and nothing else.
+    pub async fn assert_exactly_once(
+        &self,
+        table: &str,
+        acked: &std::collections::HashSet<String>,
+        timeout: Duration,
+    ) {
+        let expected = acked.len() as u64;
+        eventually(
+            timeout,
+            &format!("the sink to commit every record ({expected} hits for {table})"),
+            || async {
+                if !self.quiescent().await {
+                    return None;
+                }
+                // Committed means written: the rows must be there now.
+                counts(&self.servers, table)
+                    .await
+                    .filter(|(rows, _)| *rows >= expected)
+                    .map(|_| ())
+            },
+        )
+        .await;
+        let (rows, distinct) = counts(&self.servers, table).await.unwrap();
+        assert_eq!(
+            rows, distinct,
+            "{table}: {rows} rows but {distinct} distinct hit_ids"
+        );
+        assert_eq!(rows, expected, "{table}: rows vs acknowledged hits");
+        let stored: std::collections::HashSet<String> =
+            hit_ids(&self.servers, table).await.into_iter().collect();
+        let missing = acked.difference(&stored).count();
+        assert_eq!(
+            missing, 0,
+            "{missing} acknowledged hits are missing from {table}"
+        );
+    }
 }

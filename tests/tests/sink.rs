@@ -18,36 +18,6 @@ fn new_stream() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// Waits until the table holds `expected` rows, then checks each acknowledged hit is there once.
-async fn assert_exactly_once(
-    servers: &Servers,
-    table: &str,
-    acked: &HashSet<String>,
-    timeout: Duration,
-) {
-    let expected = acked.len() as u64;
-    let (rows, distinct) = eventually(timeout, &format!("{expected} rows in {table}"), || {
-        let servers = servers.clone();
-        async move {
-            counts(&servers, table)
-                .await
-                .filter(|(rows, _)| *rows >= expected)
-        }
-    })
-    .await;
-    assert_eq!(
-        rows, distinct,
-        "{table}: {rows} rows but {distinct} distinct hit_ids"
-    );
-    assert_eq!(rows, expected, "{table}: rows vs acknowledged hits");
-    let stored: HashSet<String> = hit_ids(servers, table).await.into_iter().collect();
-    let missing = acked.difference(&stored).count();
-    assert_eq!(
-        missing, 0,
-        "{missing} acknowledged hits are missing from {table}"
-    );
-}
-
 /// Small batches and a small dedup window, so commits, pauses and suspect lookups all happen
 /// within a short test.
 const SINK_TUNING: &[(&str, &str)] = &[
@@ -98,7 +68,9 @@ async fn kill_9_of_the_sink_at_random_moments_loses_and_duplicates_nothing() {
     }
     let acked = load.await.unwrap();
     assert_eq!(acked.len(), 3000);
-    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(90))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +105,9 @@ async fn two_sinks_share_the_partitions_and_one_leaves() {
     // And a new member joins while traffic flows.
     let third = wiring.sink(SINK_TUNING).await;
     let acked = load.await.unwrap();
-    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(90))
+        .await;
     drop((first, third));
 }
 
@@ -166,7 +140,9 @@ async fn bigquery_down_for_a_while_is_retried_without_loss_or_duplicates() {
     })
     .await;
     emulator.resume().await;
-    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(90))
+        .await;
     assert_eq!(
         metric(&sink.admin, "bq_sink_dead_letters_total", &[]).await,
         0.0,
@@ -224,11 +200,15 @@ async fn a_broker_restart_is_survived_without_loss_or_duplicates() {
     let _sink = wiring.sink(SINK_TUNING).await;
 
     let mut acked = send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await;
-    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(60)).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(60))
+        .await;
     broker.stop();
     broker.resume().await;
     acked.extend(send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await);
-    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(90)).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(90))
+        .await;
 }
 
 fn envelope(stream: &str, payload: &str, received_at_ms: i64) -> (Vec<u8>, Vec<u8>) {
@@ -393,10 +373,21 @@ async fn poison_unknown_stream_and_bad_rows_are_dead_lettered_and_replay_brings_
         },
     )
     .await;
-    for _ in 0..2 {
-        let output = replay(&wiring, &["--reason", "unknown_stream"]);
-        assert!(output.contains("1 matched, 1 replayed"), "{output}");
-    }
+    // The replay's cursor: a second run finds nothing new; `--from-start` replays again,
+    // which the sink's lookup makes harmless.
+    let output = replay(&wiring, &["--reason", "unknown_stream"]);
+    assert!(output.contains("1 matched, 1 replayed"), "{output}");
+    let output = replay(&wiring, &["--reason", "unknown_stream"]);
+    assert!(output.contains("0 matched, 0 replayed"), "{output}");
+    let output = replay(&wiring, &["--reason", "unknown_stream", "--from-start"]);
+    assert!(output.contains("1 matched, 1 replayed"), "{output}");
+    // Records that can never be rows are refused.
+    let refused = replay_output(&wiring, &["--reason", "undecodable"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("can never become rows"),
+        "{refused:?}"
+    );
     let unknown_id = String::from_utf8(unknown_1.0.clone()).unwrap();
     eventually(Duration::from_secs(60), "the replayed row", || {
         let (servers, table) = (servers.clone(), unknown_table.clone());
@@ -419,17 +410,22 @@ async fn poison_unknown_stream_and_bad_rows_are_dead_lettered_and_replay_brings_
     assert_eq!(hit_ids(&servers, &unknown_table).await, [unknown_id]);
 }
 
-fn replay(wiring: &Wiring, args: &[&str]) -> String {
+fn replay_output(wiring: &Wiring, args: &[&str]) -> std::process::Output {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("bq-sink");
-    let output = std::process::Command::new(bin)
+    std::process::Command::new(bin)
         .arg("replay-dlq")
         .args(args)
         .env("HOOKPIPE_KAFKA_BROKERS", &wiring.servers.brokers)
         .env("HOOKPIPE_TOPIC", &wiring.topic)
         .env("HOOKPIPE_DLQ_TOPIC", &wiring.dlq_topic)
+        .env("HOOKPIPE_GROUP_ID", &wiring.group)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn replay(wiring: &Wiring, args: &[&str]) -> String {
+    let output = replay_output(wiring, args);
     assert!(
         output.status.success(),
         "replay failed: {}",
@@ -484,7 +480,9 @@ async fn the_same_idempotency_key_twice_gives_one_row() {
         },
     )
     .await;
-    assert_exactly_once(&wiring.servers, &table, &acked, Duration::from_secs(30)).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,7 +514,9 @@ async fn a_stream_added_since_the_last_reload_tick_is_not_dead_lettered() {
     )
     .await;
     let acked = HashSet::from([String::from_utf8(record.0).unwrap()]);
-    assert_exactly_once(&wiring.servers, &new_table, &acked, Duration::from_secs(30)).await;
+    wiring
+        .assert_exactly_once(&new_table, &acked, Duration::from_secs(30))
+        .await;
     assert_eq!(
         metric(&sink.admin, "bq_sink_dead_letters_total", &[]).await,
         0.0

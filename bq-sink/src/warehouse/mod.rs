@@ -28,10 +28,11 @@ pub enum WriteError {
     /// stored. Retried after looking them up.
     #[error("outcome unknown: {0}")]
     Ambiguous(String),
-    /// HTTP 5xx. Transient on BigQuery (and, for insertAll, of unknown outcome); the emulator
-    /// also answers a bad row with HTTP 500 for the whole request (see `decide.rs`).
-    #[error("server error: {0}")]
-    ServerError(String),
+    /// HTTP 5xx (gRPC: INTERNAL, UNAVAILABLE). Transient on BigQuery (and, for insertAll, of
+    /// unknown outcome); the emulator also answers a bad row with HTTP 500 for the whole
+    /// request (see `decide.rs`).
+    #[error("server error {status}: {detail}")]
+    ServerError { status: u16, detail: String },
     /// The destination refuses this table: 403 (permissions revoked, billing off), a dataset
     /// that cannot be created. Retried, then the table's rows are parked.
     #[error("denied: {0}")]
@@ -57,7 +58,7 @@ impl WriteError {
         match self {
             WriteError::Transient(_) => "transient",
             WriteError::Ambiguous(_) => "ambiguous",
-            WriteError::ServerError(_) => "server_error",
+            WriteError::ServerError { .. } => "server_error",
             WriteError::Denied(_) => "denied",
             WriteError::SchemaMismatch(_) => "schema_mismatch",
             WriteError::RowsRejected(_) => "rows_rejected",
@@ -68,7 +69,10 @@ impl WriteError {
 
     /// Whether the failed call may have stored the rows after all.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, WriteError::Ambiguous(_) | WriteError::ServerError(_))
+        matches!(
+            self,
+            WriteError::Ambiguous(_) | WriteError::ServerError { .. }
+        )
     }
 }
 

@@ -120,7 +120,10 @@ pub fn classify(error: BQError) -> WriteError {
                     WriteError::Transient(text())
                 }
                 401 | 403 => WriteError::Denied(text()),
-                500.. => WriteError::ServerError(text()),
+                500.. => WriteError::ServerError {
+                    status: u16::try_from(e.code).unwrap_or(500),
+                    detail: text(),
+                },
                 _ => WriteError::Transient(text()),
             }
         }
