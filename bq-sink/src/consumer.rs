@@ -76,6 +76,7 @@ impl ConsumerContext for SinkContext {
         let lost = consumer.assignment_lost();
         if lost {
             self.assignment_lost.store(true, Ordering::Relaxed);
+            self.metrics.assignments_lost.inc();
             tracing::warn!(
                 ?partitions,
                 "assignment lost (the group's session expired): stopping their writes"

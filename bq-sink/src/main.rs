@@ -38,6 +38,8 @@ const EXIT_RESTART: u8 = 3;
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     hookpipe_common::telemetry::init();
+    // Test builds only (feature `failpoints`): fail points named in $FAILPOINTS.
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let config = cli.config;
     if let Some(Command::ReplayDlq(args)) = cli.command {

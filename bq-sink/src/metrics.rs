@@ -43,6 +43,7 @@ pub struct Metrics {
     pub paused: IntGauge,
     pub group_rejoins: IntCounter,
     pub owned_partitions: IntGauge,
+    pub assignments_lost: IntCounter,
     pub orphaned_partitions: IntGauge,
     newest_row: IntGaugeVec,
     last_write: IntGaugeVec,
@@ -145,6 +146,10 @@ impl Metrics {
             group_rejoins: counter(
                 "bq_sink_group_rejoins_total",
                 "Times the group guard rejoined the group because partitions with work had no owner",
+            ),
+            assignments_lost: counter(
+                "bq_sink_assignments_lost_total",
+                "Times the group expired this replica's session and its partitions were taken away (a broker pause, a network partition, a process frozen past the session timeout)",
             ),
             owned_partitions: gauge(
                 "bq_sink_owned_partitions",

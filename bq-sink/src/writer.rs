@@ -315,6 +315,7 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                 return Written::Done;
             }
             let rows: Vec<&row::Row> = chunk.iter().map(|i| &i.row).collect();
+            fail::fail_point!("sink::before_write");
             let started = Instant::now();
             let Some(result) =
                 guarded(cancel, self.warehouse.write(table, run.partition, &rows)).await
@@ -326,6 +327,9 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                 .observe(started.elapsed().as_secs_f64());
             let error = match result {
                 Ok(()) => {
+                    // Dies like SIGKILL right after the rows are stored, before they count as
+                    // done (so before any commit covers them).
+                    fail::fail_point!("sink::after_write", |_| std::process::abort());
                     self.written(table, &chunk);
                     run.success();
                     continue;

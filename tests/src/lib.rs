@@ -182,6 +182,29 @@ impl Proc {
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("process stopped").id();
+        let _ = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit by itself; its status, or `None` after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("process already stopped");
@@ -610,6 +633,21 @@ impl PrivateBroker {
     pub fn stop(&mut self) {
         if let Some(mut p) = self.server.proc.take() {
             p.kill9();
+        }
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open and nothing answers, as in a long
+    /// GC pause, a network partition or a failover.
+    pub fn pause(&self) {
+        if let Some(p) = &self.server.proc {
+            p.signal("STOP");
+        }
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn unpause(&self) {
+        if let Some(p) = &self.server.proc {
+            p.signal("CONT");
         }
     }
 
