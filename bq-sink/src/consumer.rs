@@ -212,6 +212,8 @@ impl Committer {
         self.asked = offsets;
         let consumer = self.consumer.clone();
         let mut handle = tokio::task::spawn_blocking(move || {
+            // Test builds: a commit the broker does not answer.
+            fail::fail_point!("sink::commit");
             consumer
                 .commit(&tpl, CommitMode::Sync)
                 .map_err(|e| e.to_string())

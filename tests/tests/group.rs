@@ -187,3 +187,44 @@ async fn a_write_task_that_panics_makes_the_sink_exit_to_be_restarted() {
         .assert_exactly_once(&table, &acked, Duration::from_secs(60))
         .await;
 }
+
+/// A commit the broker does not answer must not stop the loop: rows keep being written while
+/// it hangs, the commit counts as timed out and is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_commit_does_not_stop_the_sink() {
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("hangingcommit"));
+    let wiring = Wiring::new(write_catalogue(&[(&stream, &table, "UTC")]), 2).await;
+    let gateway = wiring.gateway(&[]).await;
+    // The first commit hangs for 15 s.
+    let sink = wiring
+        .sink(&with(&[
+            ("FAILPOINTS", "sink::commit=1*sleep(15000)"),
+            ("HOOKPIPE_COMMIT_TIMEOUT", "1s"),
+        ]))
+        .await;
+    let first = send_hits(&gateway.url, &stream, 50, 2, Duration::ZERO).await;
+    eventually(Duration::from_secs(10), "a commit to time out", || {
+        let admin = sink.admin.clone();
+        async move {
+            (metric(&admin, "bq_sink_offset_commits_total", &[("outcome", "timeout")]).await >= 1.0)
+                .then_some(())
+        }
+    })
+    .await;
+    // While it hangs, later hits are still written.
+    let second = send_hits(&gateway.url, &stream, 50, 2, Duration::ZERO).await;
+    eventually(Duration::from_secs(10), "the later hits written while the commit hangs", || {
+        let (servers, table, second) = (wiring.servers.clone(), table.clone(), second.clone());
+        async move {
+            let stored: std::collections::HashSet<String> =
+                hookpipe_tests::hit_ids(&servers, &table).await.into_iter().collect();
+            second.iter().all(|h| stored.contains(h)).then_some(())
+        }
+    })
+    .await;
+    let acked = first.union(&second).cloned().collect();
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(60))
+        .await;
+}

@@ -522,3 +522,35 @@ async fn a_stream_added_since_the_last_reload_tick_is_not_dead_lettered() {
         0.0
     );
 }
+
+/// A dead letter larger than the dead-letter topic accepts is stored truncated, with the
+/// original's size and SHA-256, and counted; it never blocks the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_dead_letter_is_stored_truncated_with_its_size_and_hash() {
+    use sha2::Digest as _;
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("bigletter"));
+    let wiring = Wiring::new(write_catalogue(&[(&stream, &table, "UTC")]), 1).await;
+    let sink = wiring
+        .sink(&[("HOOKPIPE_DLQ_MAX_MESSAGE_BYTES", "10000")])
+        .await;
+    // 30 kB that are not an envelope, then a good record behind it.
+    let big = (b"k-big".to_vec(), vec![0xffu8; 30_000]);
+    let good = envelope(&stream, "orderId=N1", hookpipe_tests_now_ms());
+    produce(&wiring.servers.brokers, &wiring.topic, &[big.clone(), good.clone()]).await;
+    let acked = HashSet::from([String::from_utf8(good.0).unwrap()]);
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(60))
+        .await;
+    let letters = read_raw(&wiring.servers.brokers, &wiring.dlq_topic, 1, Duration::from_secs(30)).await;
+    let letter = DeadLetter::decode(letters[0].1.as_slice()).unwrap();
+    assert!(letter.truncated);
+    assert_eq!(letter.original_size, 30_000);
+    assert!(letter.original.len() < 10_000);
+    assert_eq!(letter.original_sha256, sha2::Sha256::digest(&big.1).to_vec());
+    assert_eq!(letter.reason, "undecodable");
+    assert_eq!(
+        metric(&sink.admin, "bq_sink_dead_letters_truncated_total", &[]).await,
+        1.0
+    );
+}
