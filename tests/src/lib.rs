@@ -184,10 +184,7 @@ impl Proc {
 
     /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to the process.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("process stopped").id();
-        let _ = Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status();
+        send_signal(signal, self.child.as_ref().expect("process stopped").id());
     }
 
     /// Waits for the process to exit by itself; its status, or `None` after `timeout`.
@@ -208,9 +205,7 @@ impl Proc {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("process already stopped");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        send_signal("TERM", child.id());
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -246,6 +241,15 @@ impl Drop for Proc {
             }
         }
     }
+}
+
+/// Sends `signal` to one process, with bash's builtin `kill` (procps-ng's `/usr/bin/kill`
+/// misreads some argument forms; see tests/tests/run_local.rs).
+pub fn send_signal(signal: &str, pid: u32) {
+    assert!(pid > 1, "not a process: {pid}");
+    let _ = Command::new("bash")
+        .args(["-c", &format!("kill -s {signal} -- {pid}")])
+        .status();
 }
 
 /// A running gateway.

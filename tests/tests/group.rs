@@ -207,21 +207,34 @@ async fn a_hanging_commit_does_not_stop_the_sink() {
     eventually(Duration::from_secs(10), "a commit to time out", || {
         let admin = sink.admin.clone();
         async move {
-            (metric(&admin, "bq_sink_offset_commits_total", &[("outcome", "timeout")]).await >= 1.0)
+            (metric(
+                &admin,
+                "bq_sink_offset_commits_total",
+                &[("outcome", "timeout")],
+            )
+            .await
+                >= 1.0)
                 .then_some(())
         }
     })
     .await;
     // While it hangs, later hits are still written.
     let second = send_hits(&gateway.url, &stream, 50, 2, Duration::ZERO).await;
-    eventually(Duration::from_secs(10), "the later hits written while the commit hangs", || {
-        let (servers, table, second) = (wiring.servers.clone(), table.clone(), second.clone());
-        async move {
-            let stored: std::collections::HashSet<String> =
-                hookpipe_tests::hit_ids(&servers, &table).await.into_iter().collect();
-            second.iter().all(|h| stored.contains(h)).then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the later hits written while the commit hangs",
+        || {
+            let (servers, table, second) = (wiring.servers.clone(), table.clone(), second.clone());
+            async move {
+                let stored: std::collections::HashSet<String> =
+                    hookpipe_tests::hit_ids(&servers, &table)
+                        .await
+                        .into_iter()
+                        .collect();
+                second.iter().all(|h| stored.contains(h)).then_some(())
+            }
+        },
+    )
     .await;
     let acked = first.union(&second).cloned().collect();
     wiring

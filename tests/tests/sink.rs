@@ -537,17 +537,31 @@ async fn an_oversized_dead_letter_is_stored_truncated_with_its_size_and_hash() {
     // 30 kB that are not an envelope, then a good record behind it.
     let big = (b"k-big".to_vec(), vec![0xffu8; 30_000]);
     let good = envelope(&stream, "orderId=N1", hookpipe_tests_now_ms());
-    produce(&wiring.servers.brokers, &wiring.topic, &[big.clone(), good.clone()]).await;
+    produce(
+        &wiring.servers.brokers,
+        &wiring.topic,
+        &[big.clone(), good.clone()],
+    )
+    .await;
     let acked = HashSet::from([String::from_utf8(good.0).unwrap()]);
     wiring
         .assert_exactly_once(&table, &acked, Duration::from_secs(60))
         .await;
-    let letters = read_raw(&wiring.servers.brokers, &wiring.dlq_topic, 1, Duration::from_secs(30)).await;
+    let letters = read_raw(
+        &wiring.servers.brokers,
+        &wiring.dlq_topic,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     let letter = DeadLetter::decode(letters[0].1.as_slice()).unwrap();
     assert!(letter.truncated);
     assert_eq!(letter.original_size, 30_000);
     assert!(letter.original.len() < 10_000);
-    assert_eq!(letter.original_sha256, sha2::Sha256::digest(&big.1).to_vec());
+    assert_eq!(
+        letter.original_sha256,
+        sha2::Sha256::digest(&big.1).to_vec()
+    );
     assert_eq!(letter.reason, "undecodable");
     assert_eq!(
         metric(&sink.admin, "bq_sink_dead_letters_truncated_total", &[]).await,
