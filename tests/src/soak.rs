@@ -1,11 +1,14 @@
 //! The soak: webhooks at a steady rate through two real gateways, the broker, a sink and the
 //! BigQuery emulator, while faults are injected on a schedule (kill -9 of the sink, kill -9 of
-//! a gateway, a broker restart, an emulator restart). At the end the tables are read and every
-//! acknowledged hit must be there exactly once.
+//! a gateway, a broker restart, a broker pause longer than the sink's session timeout, an
+//! emulator restart). At the end, once the sink's group committed to the end of every
+//! partition, the tables are read and every acknowledged hit must be there exactly once.
 //!
 //! The senders behave as real ones should: each webhook has its own Idempotency-Key, reused on
 //! every retry; connection errors, timeouts, 429 and 503 are retried (503/429 after the
-//! Retry-After the gateway gives), a connection error moves to the other gateway.
+//! Retry-After the gateway gives), a connection error moves to the other gateway. Some senders
+//! send no key at all (`keyless_every`): a 503'd attempt the broker stored anyway is then a
+//! second row with another hit_id, which the gateway bounds; those are counted separately.
 //!
 //! Run by `scripts/soak` (full or `--quick`) and, in its quick form, by `tests/tests/soak.rs`.
 
@@ -17,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -40,9 +42,15 @@ pub struct Config {
     pub sink_kills: u32,
     pub gateway_kills: u32,
     pub broker_restarts: u32,
+    /// Broker freezes (SIGSTOP) of `pause_for`, longer than the sink's session timeout.
+    pub broker_pauses: u32,
     pub emulator_restarts: u32,
     /// How long a killed or stopped server stays down before it is started again.
     pub down_for: Duration,
+    /// How long a broker pause lasts.
+    pub pause_for: Duration,
+    /// Every n-th webhook is sent without an Idempotency-Key (0: none).
+    pub keyless_every: u64,
     /// How long, after the last send, the pipeline may take to drain.
     pub drain_timeout: Duration,
 }
@@ -58,8 +66,12 @@ impl Config {
             sink_kills: 1,
             gateway_kills: 1,
             broker_restarts: 1,
+            broker_pauses: 1,
             emulator_restarts: 1,
             down_for: Duration::from_secs(2),
+            // The soak's sink runs with a 3 s session timeout.
+            pause_for: Duration::from_secs(10),
+            keyless_every: 10,
             drain_timeout: Duration::from_secs(180),
         }
     }
@@ -72,6 +84,7 @@ impl Config {
             sink_kills: 5,
             gateway_kills: 3,
             broker_restarts: 2,
+            broker_pauses: 2,
             emulator_restarts: 2,
             drain_timeout: Duration::from_secs(600),
             ..Self::quick()
@@ -85,6 +98,7 @@ pub enum Fault {
     SinkKill,
     GatewayKill,
     BrokerRestart,
+    BrokerPause,
     EmulatorRestart,
 }
 
@@ -94,6 +108,7 @@ impl Fault {
             Self::SinkKill => "sink kill -9",
             Self::GatewayKill => "gateway kill -9",
             Self::BrokerRestart => "broker restart",
+            Self::BrokerPause => "broker pause",
             Self::EmulatorRestart => "emulator restart",
         }
     }
@@ -106,6 +121,7 @@ pub fn schedule(config: &Config) -> Vec<(Duration, Fault)> {
         (Fault::SinkKill, config.sink_kills),
         (Fault::GatewayKill, config.gateway_kills),
         (Fault::BrokerRestart, config.broker_restarts),
+        (Fault::BrokerPause, config.broker_pauses),
         (Fault::EmulatorRestart, config.emulator_restarts),
     ];
     let mut order = Vec::new();
@@ -146,6 +162,13 @@ pub struct Summary {
     /// Rows whose hit_id no sender made.
     pub unknown: u64,
     pub dead_letters: u64,
+    /// Keyless webhooks (no Idempotency-Key): sent, acknowledged, acknowledged but with no row,
+    /// rows beyond one per webhook, and the most rows one webhook became.
+    pub keyless_sent: u64,
+    pub keyless_acknowledged: u64,
+    pub keyless_lost: u64,
+    pub keyless_extra_rows: u64,
+    pub keyless_most_rows: u64,
     pub faults: Vec<(Fault, u32)>,
     pub elapsed: Duration,
     /// From the last send until every acknowledged hit was in the table and the sink had
@@ -154,9 +177,15 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The soak's verdict: nothing acknowledged lost, nothing twice, nothing unexplained.
+    /// The soak's verdict: nothing acknowledged lost (keyed or keyless), nothing twice for
+    /// keyed senders, nothing unexplained, and no keyless webhook more than one extra row.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.unknown == 0 && self.refused == 0
+        self.lost == 0
+            && self.duplicated == 0
+            && self.unknown == 0
+            && self.refused == 0
+            && self.keyless_lost == 0
+            && self.keyless_most_rows <= 2
     }
 }
 
@@ -170,7 +199,7 @@ impl fmt::Display for Summary {
             .join(", ");
         writeln!(f, "soak summary")?;
         writeln!(f, "  sent            {}", self.sent)?;
-        writeln!(f, "  acknowledged    {}", self.acknowledged)?;
+        writeln!(f, "  acknowledged    {} (with a key)", self.acknowledged)?;
         writeln!(f, "  unacknowledged  {}", self.unacknowledged)?;
         writeln!(f, "  refused         {}", self.refused)?;
         writeln!(f, "  sender retries  {}", self.retries)?;
@@ -180,6 +209,15 @@ impl fmt::Display for Summary {
         writeln!(f, "  duplicated      {}", self.duplicated)?;
         writeln!(f, "  unknown rows    {}", self.unknown)?;
         writeln!(f, "  dead letters    {}", self.dead_letters)?;
+        writeln!(
+            f,
+            "  keyless         {} sent, {} acknowledged, {} lost, {} extra rows (at most {} rows for one webhook)",
+            self.keyless_sent,
+            self.keyless_acknowledged,
+            self.keyless_lost,
+            self.keyless_extra_rows,
+            self.keyless_most_rows
+        )?;
         writeln!(f, "  faults          {faults}")?;
         writeln!(
             f,
@@ -198,6 +236,8 @@ impl fmt::Display for Summary {
 /// The sink settings the soak runs with: small batches and a small dedup window so commits,
 /// pauses and suspect lookups happen many times, quick retries.
 const SINK_TUNING: &[(&str, &str)] = &[
+    // Short, so a broker pause of a few seconds outlasts it.
+    ("HOOKPIPE_SESSION_TIMEOUT", "3s"),
     ("HOOKPIPE_BATCH_MAX_ROWS", "200"),
     ("HOOKPIPE_BATCH_MAX_AGE", "300ms"),
     ("HOOKPIPE_DEDUP_WINDOW", "2000"),
@@ -225,22 +265,22 @@ struct Senders {
 }
 
 impl Senders {
-    /// Sends hit `i` until a gateway answers 2xx, retrying as a well-behaved sender does.
-    async fn send(&self, i: u64, stream: &str, key: &str) -> Outcome {
+    /// Sends hit `i` until a gateway answers 2xx, retrying as a well-behaved sender does; with
+    /// `key` None, without an Idempotency-Key (and marked `orderId=K<i>` to be found later).
+    async fn send(&self, i: u64, stream: &str, key: Option<&str>) -> Outcome {
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut gateway = i as usize % self.gateways.len();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let answer = self
+            let mut request = self
                 .client
                 .post(format!("{}/ds/{stream}", self.gateways[gateway]))
                 .header("content-type", "application/x-www-form-urlencoded")
-                .header("idempotency-key", key)
-                .body(format!(
-                    "orderId=S{i}&status=delivered&amount=42.50&currency=EUR&note=soak%20test"
-                ))
-                .send()
-                .await;
+                .body(body(i, key.is_none()));
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            let answer = request.send().await;
             let wait = match answer {
                 Ok(r) if r.status().is_success() => return Outcome::Acknowledged,
                 Ok(r) if r.status() == 429 || r.status() == 503 => r
@@ -263,6 +303,12 @@ impl Senders {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+/// The payload of hit `i`; keyless hits are marked so their rows can be told apart.
+fn body(i: u64, keyless: bool) -> String {
+    let id = if keyless { 'K' } else { 'S' };
+    format!("orderId={id}{i}&status=delivered&amount=42.50&currency=EUR&note=soak%20test")
 }
 
 /// The pipeline under test, with the processes the faults hit.
@@ -320,7 +366,7 @@ impl Pipeline {
         )
     }
 
-    async fn inject(&mut self, fault: Fault, n: u32, down_for: Duration) {
+    async fn inject(&mut self, fault: Fault, n: u32, down_for: Duration, pause_for: Duration) {
         match fault {
             Fault::SinkKill => {
                 self.sink.proc.kill9();
@@ -338,6 +384,11 @@ impl Pipeline {
                 self.broker.stop();
                 tokio::time::sleep(down_for).await;
                 self.broker.resume().await;
+            }
+            Fault::BrokerPause => {
+                self.broker.pause();
+                tokio::time::sleep(pause_for).await;
+                self.broker.unpause();
             }
             Fault::EmulatorRestart => {
                 self.emulator.stop();
@@ -383,11 +434,12 @@ pub async fn run(config: &Config) -> Summary {
                     senders.clone(),
                     streams[i as usize % streams.len()].0.clone(),
                 );
-                let key = format!("{run_id}-{i}");
+                let keyless = config.keyless_every > 0 && i % config.keyless_every == 0;
+                let key = (!keyless).then(|| format!("{run_id}-{i}"));
                 tasks.spawn(async move {
-                    let outcome = senders.send(i, &stream, &key).await;
+                    let outcome = senders.send(i, &stream, key.as_deref()).await;
                     drop(permit);
-                    (stream, key, outcome)
+                    (i, stream, key, outcome)
                 });
             }
             let mut results = Vec::new();
@@ -408,7 +460,9 @@ pub async fn run(config: &Config) -> Summary {
             started.elapsed().as_secs_f64(),
             fault.label()
         );
-        pipeline.inject(fault, n, config.down_for).await;
+        pipeline
+            .inject(fault, n, config.down_for, config.pause_for)
+            .await;
         *injected.entry(fault).or_default() += 1;
     }
     let results = load.await.unwrap();
@@ -425,7 +479,23 @@ pub async fn run(config: &Config) -> Summary {
     };
     let mut acked: HashSet<String> = HashSet::new();
     let mut made: HashSet<String> = HashSet::new();
-    for (stream, key, outcome) in &results {
+    let mut keyless_acked: HashSet<String> = HashSet::new();
+    for (i, stream, key, outcome) in &results {
+        let Some(key) = key else {
+            summary.keyless_sent += 1;
+            match outcome {
+                Outcome::Acknowledged => {
+                    summary.keyless_acknowledged += 1;
+                    keyless_acked.insert(body(*i, true));
+                }
+                Outcome::Unacknowledged => summary.unacknowledged += 1,
+                Outcome::Refused(status) => {
+                    eprintln!("keyless hit {i} refused with {status}");
+                    summary.refused += 1;
+                }
+            }
+            continue;
+        };
         let hit_id = uuid::Uuid::new_v5(&stream.parse().unwrap(), key.as_bytes()).to_string();
         match outcome {
             Outcome::Acknowledged => {
@@ -446,28 +516,43 @@ pub async fn run(config: &Config) -> Summary {
     let servers = pipeline.wiring.servers.clone();
     let tables: Vec<String> = streams.iter().map(|(_, t)| t.clone()).collect();
     let deadline = sent_all + config.drain_timeout;
-    let mut stored: Vec<String>;
+    // Counted only once the group has committed everything (then no row is still on its way).
+    let mut rows: Vec<(String, String)>;
     loop {
-        stored = all_hit_ids(&servers, &tables).await;
-        let present: HashSet<&String> = stored.iter().collect();
-        let all_in = acked.iter().all(|h| present.contains(h));
-        if (all_in && caught_up(&pipeline.wiring).await) || Instant::now() > deadline {
+        let quiet = pipeline.wiring.quiescent().await;
+        rows = all_rows(&servers, &tables).await;
+        if quiet || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     summary.drained_in = sent_all.elapsed();
+    let (keyless_rows, stored): (Vec<_>, Vec<_>) = rows
+        .into_iter()
+        .partition(|(_, payload)| payload.starts_with("orderId=K"));
+    let stored: Vec<String> = stored.into_iter().map(|(id, _)| id).collect();
     let distinct: HashSet<&String> = stored.iter().collect();
     summary.rows = stored.len() as u64;
     summary.distinct = distinct.len() as u64;
     summary.duplicated = summary.rows - summary.distinct;
     summary.lost = acked.iter().filter(|h| !distinct.contains(h)).count() as u64;
     summary.unknown = distinct.iter().filter(|h| !made.contains(**h)).count() as u64;
+    let mut per_webhook: HashMap<String, u64> = HashMap::new();
+    for (_, payload) in keyless_rows {
+        *per_webhook.entry(payload).or_default() += 1;
+    }
+    summary.keyless_lost = keyless_acked
+        .iter()
+        .filter(|b| !per_webhook.contains_key(*b))
+        .count() as u64;
+    summary.keyless_extra_rows = per_webhook.values().map(|n| n - 1).sum();
+    summary.keyless_most_rows = per_webhook.values().copied().max().unwrap_or(0);
     summary.dead_letters = topic_size(&pipeline.wiring.servers.brokers, &pipeline.wiring.dlq_topic);
     summary.faults = [
         Fault::SinkKill,
         Fault::GatewayKill,
         Fault::BrokerRestart,
+        Fault::BrokerPause,
         Fault::EmulatorRestart,
     ]
     .into_iter()
@@ -477,57 +562,18 @@ pub async fn run(config: &Config) -> Summary {
     summary
 }
 
-/// Every hit_id in the tables (a table not created yet counts as empty).
-async fn all_hit_ids(servers: &Servers, tables: &[String]) -> Vec<String> {
+/// Every row's (hit_id, payload) in the tables (a table not created yet counts as empty).
+async fn all_rows(servers: &Servers, tables: &[String]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for table in tables {
-        if let Ok(rows) = query(servers, &format!("SELECT hit_id FROM `{table}`")).await {
-            out.extend(
-                rows.into_iter()
-                    .filter_map(|r| r.into_iter().next().flatten()),
-            );
+        if let Ok(rows) = query(servers, &format!("SELECT hit_id, payload FROM `{table}`")).await {
+            out.extend(rows.into_iter().filter_map(|mut r| {
+                let payload = r.pop()??;
+                Some((r.pop()??, payload))
+            }));
         }
     }
     out
-}
-
-/// Whether the sink's consumer group has committed every partition up to its end.
-async fn caught_up(wiring: &Wiring) -> bool {
-    let wiring = wiring.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &wiring.servers.brokers)
-            .set("group.id", &wiring.group)
-            .create()
-            .ok()?;
-        let metadata = consumer
-            .fetch_metadata(Some(&wiring.topic), Duration::from_secs(5))
-            .ok()?;
-        let mut list = TopicPartitionList::new();
-        for p in metadata.topics().first()?.partitions() {
-            list.add_partition(&wiring.topic, p.id());
-        }
-        let committed = consumer
-            .committed_offsets(list, Duration::from_secs(5))
-            .ok()?;
-        for element in committed.elements() {
-            let (_, high) = consumer
-                .fetch_watermarks(&wiring.topic, element.partition(), Duration::from_secs(5))
-                .ok()?;
-            let at = match element.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            if at < high {
-                return Some(false);
-            }
-        }
-        Some(true)
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or(false)
 }
 
 /// Records in a one-partition topic.
@@ -554,6 +600,7 @@ mod tests {
             sink_kills: 3,
             gateway_kills: 1,
             broker_restarts: 1,
+            broker_pauses: 0,
             emulator_restarts: 0,
             ..Config::quick()
         };

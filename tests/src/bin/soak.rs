@@ -26,7 +26,15 @@ struct Args {
     #[arg(long)]
     broker_restarts: Option<u32>,
     #[arg(long)]
+    broker_pauses: Option<u32>,
+    #[arg(long)]
     emulator_restarts: Option<u32>,
+    /// Seconds a broker pause lasts (the soak's sink has a 3 s session timeout).
+    #[arg(long)]
+    pause_for: Option<u64>,
+    /// Every n-th webhook without an Idempotency-Key (0: none).
+    #[arg(long)]
+    keyless_every: Option<u64>,
     /// Seconds a killed server stays down.
     #[arg(long)]
     down_for: Option<u64>,
@@ -45,7 +53,10 @@ async fn main() {
     config.sink_kills = args.sink_kills.unwrap_or(config.sink_kills);
     config.gateway_kills = args.gateway_kills.unwrap_or(config.gateway_kills);
     config.broker_restarts = args.broker_restarts.unwrap_or(config.broker_restarts);
+    config.broker_pauses = args.broker_pauses.unwrap_or(config.broker_pauses);
     config.emulator_restarts = args.emulator_restarts.unwrap_or(config.emulator_restarts);
+    config.pause_for = args.pause_for.map_or(config.pause_for, Duration::from_secs);
+    config.keyless_every = args.keyless_every.unwrap_or(config.keyless_every);
     config.down_for = args.down_for.map_or(config.down_for, Duration::from_secs);
     eprintln!("{config:?}");
     let summary = soak::run(&config).await;
