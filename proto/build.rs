@@ -10,7 +10,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Payloads can be large: `Bytes` lets the sink slice them without copying.
     config.bytes([".hookpipe.envelope.v1.Envelope.payload"]);
-    config.compile_protos(&["proto/hookpipe/envelope/v1/envelope.proto"], &["proto"])?;
+    // The BigQuery row's descriptor travels with every Storage Write connection.
+    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
+    config.file_descriptor_set_path(&descriptors);
+    config.compile_protos(
+        &[
+            "proto/hookpipe/envelope/v1/envelope.proto",
+            "proto/hookpipe/bigquery/v1/row.proto",
+        ],
+        &["proto"],
+    )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

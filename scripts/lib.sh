@@ -11,7 +11,8 @@ TANSU_VERSION="0.6.0"
 # changes whenever they do, so a cache built without them is not reused.
 TANSU_BUILD="$TANSU_VERSION-hookpipe1"
 TANSU_BIN="$HOOKPIPE_CACHE/tansu-$TANSU_BUILD/bin/tansu"
-BQEMU_VENV="$HOOKPIPE_CACHE/bqemulator-1.4.0-venv"
+# Also patched (scripts/patches, see ensure_bqemulator); the suffix changes with the patches.
+BQEMU_VENV="$HOOKPIPE_CACHE/bqemulator-1.4.0-hookpipe1-venv"
 BQEMU_BIN="$BQEMU_VENV/bin/bqemulator"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -56,8 +57,14 @@ ensure_tansu() {
 
 # ensure_bqemulator: a private venv with the pinned BigQuery emulator and DuckDB's
 # spatial extension installed from its wheel (the emulator cannot download it offline).
+#
+# One patch of ours (scripts/patches/bqemulator-1.4.0-duckdb-threads.patch): the emulator
+# serves REST on its event loop's thread and the Storage Write API on gRPC worker threads, both
+# on one DuckDB connection without a lock between them; a REST query while an append is written
+# hangs the emulator for good. The patch puts every use of the connection under one lock.
 ensure_bqemulator() {
   if [ -x "$BQEMU_BIN" ] && [ -f "$BQEMU_VENV/.hookpipe-ready" ]; then return 0; fi
+  command -v patch >/dev/null || apt_install patch
   log "installing bqemulator 1.4.0 into $BQEMU_VENV"
   rm -rf "$BQEMU_VENV"
   python3 -m venv "$BQEMU_VENV" || die "python3 -m venv failed"
@@ -69,6 +76,11 @@ import duckdb, duckdb_extension_spatial as d, glob, os
 p = glob.glob(os.path.join(os.path.dirname(d.__file__), 'extensions', 'v*', 'spatial.duckdb_extension'))[0]
 duckdb.connect().execute(f"INSTALL '{p}'")
 PY
+  local site
+  site=$("$BQEMU_VENV/bin/python" -c 'import bqemulator, os; print(os.path.dirname(os.path.dirname(bqemulator.__file__)))') \
+    || die "locating the emulator failed"
+  patch -s -p1 -d "$site" <scripts/patches/bqemulator-1.4.0-duckdb-threads.patch \
+    || die "patching the emulator failed"
   touch "$BQEMU_VENV/.hookpipe-ready"
 }
 

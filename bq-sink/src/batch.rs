@@ -155,26 +155,6 @@ impl Batches {
     }
 }
 
-/// Splits a batch into insertAll requests of at most `max_rows` rows and about `max_bytes`.
-pub fn chunks(items: &[Item], max_rows: usize, max_bytes: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, item) in items.iter().enumerate() {
-        let size = item.row.approx_bytes();
-        if i > start && (i - start >= max_rows || bytes + size > max_bytes) {
-            out.push(start..i);
-            start = i;
-            bytes = 0;
-        }
-        bytes += size;
-    }
-    if start < items.len() {
-        out.push(start..items.len());
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,19 +238,5 @@ mod tests {
         );
         assert!(b.due(&LIMITS, t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(b.due(&LIMITS, t0 + Duration::from_secs(1)), [table("a")]);
-    }
-
-    #[test]
-    fn requests_respect_row_and_byte_limits() {
-        let items: Vec<Item> = (0..7).map(|o| item(o, 100)).collect();
-        assert_eq!(chunks(&items, 3, 1_000_000), [0..3, 3..6, 6..7]);
-        let size = items[0].row.approx_bytes();
-        assert_eq!(chunks(&items, 100, size * 2), [0..2, 2..4, 4..6, 6..7]);
-        // A single oversized row still goes alone rather than never.
-        assert_eq!(
-            chunks(&items[..1], 100, 1),
-            vec![std::ops::Range { start: 0, end: 1 }]
-        );
-        assert!(chunks(&[], 3, 10).is_empty());
     }
 }

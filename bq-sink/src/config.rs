@@ -195,6 +195,34 @@ pub struct BigQueryArgs {
     #[arg(long = "bigquery-timeout", env = "HOOKPIPE_BIGQUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
+    /// How rows are written: `storage` (the Storage Write API over gRPC: half the price per GB,
+    /// no 1 KB minimum per row, and every write's outcome known from its offset) or
+    /// `insert-all` (the legacy `tabledata.insertAll` over HTTPS, for networks that block gRPC).
+    #[arg(long = "bigquery-write-api", env = "HOOKPIPE_BIGQUERY_WRITE_API", default_value = "storage", value_parser = ["storage", "insert-all"])]
+    pub write_api: String,
+
+    /// The Storage Write API's address: Google's by default (TLS); for the emulator its gRPC
+    /// port in plaintext, `http://127.0.0.1:9060`.
+    #[arg(
+        long = "bigquery-storage-endpoint",
+        env = "HOOKPIPE_BIGQUERY_STORAGE_ENDPOINT",
+        default_value = "https://bigquerystorage.googleapis.com"
+    )]
+    pub storage_endpoint: String,
+
+    /// An extra CA certificate (PEM) to trust for the Storage Write API endpoint, besides the
+    /// system's (a TLS-inspecting proxy, a private endpoint).
+    #[arg(long = "bigquery-ca-file", env = "HOOKPIPE_BIGQUERY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Storage Write appends in flight per write stream (in order on one connection).
+    #[arg(
+        long = "appends-in-flight",
+        env = "HOOKPIPE_APPENDS_IN_FLIGHT",
+        default_value_t = 4
+    )]
+    pub appends_in_flight: usize,
+
     /// The destination answers a write holding one bad row with HTTP 500 for the whole
     /// request, as the local BigQuery emulator does (BigQuery itself reports bad rows per row
     /// and a 5xx is always transient there). With it, a 5xx while the table answers splits
@@ -276,6 +304,25 @@ impl Config {
             return Err(
                 "--bigquery-auth none is for the emulator: set HOOKPIPE_BIGQUERY_ENDPOINT".into(),
             );
+        }
+        if self.bigquery.auth == "none"
+            && self.bigquery.write_api == "storage"
+            && self
+                .bigquery
+                .storage_endpoint
+                .starts_with("https://bigquerystorage.googleapis.com")
+        {
+            return Err("--bigquery-auth none is for the emulator: set HOOKPIPE_BIGQUERY_STORAGE_ENDPOINT to its gRPC address (http://127.0.0.1:9060), or HOOKPIPE_BIGQUERY_WRITE_API=insert-all".into());
+        }
+        if !self.bigquery.storage_endpoint.starts_with("https://")
+            && !self.bigquery.storage_endpoint.starts_with("http://")
+        {
+            return Err(
+                "HOOKPIPE_BIGQUERY_STORAGE_ENDPOINT must start with https:// or http://".into(),
+            );
+        }
+        if self.bigquery.appends_in_flight == 0 || self.bigquery.appends_in_flight > 64 {
+            return Err("HOOKPIPE_APPENDS_IN_FLIGHT must be between 1 and 64".into());
         }
         Ok(())
     }

@@ -92,6 +92,13 @@ impl Guard {
     /// Judges one look at the group. Returns what to do, and whether this member should count
     /// as ready (false while it owns nothing although work waits that nobody owns).
     pub fn observe(&mut self, now: Instant, view: &View) -> (Verdict, bool) {
+        let (verdict, ready, _) = self.judge(now, view);
+        (verdict, ready)
+    }
+
+    /// `observe`, plus the partitions judged owned by nobody (described as such, or with work
+    /// waiting and no committed progress for the stall timeout).
+    pub fn judge(&mut self, now: Instant, view: &View) -> (Verdict, bool, usize) {
         let owned: HashSet<i32> = view.owned.iter().copied().collect();
         if view.lost {
             self.lost_at.get_or_insert(now);
@@ -125,6 +132,7 @@ impl Guard {
             kept.insert(seen.partition, (seen.committed, candidate_since));
         }
         let orphans = !kept.is_empty();
+        let orphaned = stalled.len();
         self.since = kept;
         if !orphans {
             self.rejoins = 0;
@@ -141,10 +149,11 @@ impl Guard {
                     self.settings.regain
                 )),
                 false,
+                orphaned,
             );
         }
         if stalled.is_empty() {
-            return (Verdict::Fine, ready);
+            return (Verdict::Fine, ready, orphaned);
         }
         if self.rejoins >= self.settings.max_rejoins {
             return (
@@ -153,12 +162,13 @@ impl Guard {
                     self.rejoins
                 )),
                 false,
+                orphaned,
             );
         }
         self.rejoins += 1;
         // Count afresh after the rejoin.
         self.since.clear();
-        (Verdict::Rejoin(stalled), ready)
+        (Verdict::Rejoin(stalled), ready, orphaned)
     }
 }
 
@@ -208,20 +218,8 @@ pub async fn watch(
         }
         describe_works = described;
         view.lost = lost;
-        let orphaned = view
-            .partitions
-            .iter()
-            .filter(|p| {
-                p.committed < p.end
-                    && !view.owned.contains(&p.partition)
-                    && view
-                        .owners
-                        .as_ref()
-                        .is_some_and(|o| !o.contains(&p.partition))
-            })
-            .count();
+        let (verdict, is_ready, orphaned) = guard.judge(Instant::now(), &view);
         metrics.orphaned_partitions.set(orphaned as i64);
-        let (verdict, is_ready) = guard.observe(Instant::now(), &view);
         ready.store(is_ready, Ordering::Relaxed);
         match verdict {
             Verdict::Fine => {}

@@ -23,7 +23,10 @@ use bq_sink::parking::Drainer;
 use bq_sink::pipeline::Pipeline;
 use bq_sink::replay;
 use bq_sink::shelf::KafkaShelf;
+use bq_sink::warehouse::AnyWarehouse;
+use bq_sink::warehouse::credentials::credentials;
 use bq_sink::warehouse::rest::{InsertAll, Rest};
+use bq_sink::warehouse::storage::{Storage, StorageSettings};
 use bq_sink::writer::{Writer, backoff};
 use clap::Parser;
 use hookpipe_common::Catalogue;
@@ -75,12 +78,39 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let catalogue_path = config.catalogue.clone().unwrap_or_default();
     let catalogue = Arc::new(Shared::new(Catalogue::load(&catalogue_path)?));
     let metrics = Arc::new(Metrics::new());
+    let auth = credentials(&config.bigquery)
+        .await
+        .context("BigQuery credentials")?;
     let rest = Arc::new(
-        Rest::connect(&config.bigquery)
+        Rest::connect(&config.bigquery, auth.clone())
             .await
             .context("connecting to BigQuery")?,
     );
-    let warehouse = Arc::new(InsertAll { rest });
+    let cancel = CancellationToken::new();
+    let warehouse = Arc::new(match config.bigquery.write_api.as_str() {
+        "insert-all" => AnyWarehouse::InsertAll(InsertAll {
+            rest,
+            max_rows: config.batch_max_rows,
+            max_bytes: config.batch_max_bytes,
+        }),
+        _ => {
+            let storage = Storage::new(
+                StorageSettings {
+                    endpoint: config.bigquery.storage_endpoint.clone(),
+                    ca_file: config.bigquery.ca_file.clone(),
+                    timeout: config.bigquery.timeout,
+                    in_flight: config.bigquery.appends_in_flight,
+                    idle: Duration::from_secs(60),
+                },
+                rest,
+                auth,
+                metrics.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("the Storage Write API client: {e}"))?;
+            tokio::spawn(storage.clone().close_idle(cancel.clone()));
+            AnyWarehouse::Storage(storage)
+        }
+    });
 
     let base = config.kafka.client_config();
     let mut producer_config = base.clone();
@@ -166,7 +196,6 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .context("subscribing to the topic")?;
     let consumer = Arc::new(consumer);
 
-    let cancel = CancellationToken::new();
     hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
     let admin = AdminServer::start(config.admin_listen, metrics.registry.clone()).await?;
     let ready = admin.ready.clone();
@@ -219,7 +248,10 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         let settings = GuardSettings {
             stall: config.stall_timeout,
             max_rejoins: 2,
-            regain: config.session_timeout + Duration::from_secs(5),
+            // A member whose session expired rejoins as a new member; the coordinator may wait
+            // for its old self to expire first and then rebalance (over 30 s with a 10 s
+            // session was seen on tansu after a broker restart).
+            regain: config.session_timeout * 3 + Duration::from_secs(10),
         };
         tokio::spawn({
             let (consumer, topic, group_id) = (

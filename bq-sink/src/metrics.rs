@@ -21,6 +21,9 @@ pub struct Metrics {
     pub lookup_skipped: IntCounter,
     pub ambiguous_writes: IntCounter,
     pub already_exists: IntCounter,
+    pub appends_settled: IntCounter,
+    pub storage_streams_created: IntCounter,
+    pub storage_connections: IntGauge,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     flushes: IntCounterVec,
@@ -118,6 +121,18 @@ impl Metrics {
                 "bq_sink_append_already_exists_total",
                 "Storage Write appends re-sent at their offset that BigQuery answered ALREADY_EXISTS: proof the lost append had landed",
             ),
+            appends_settled: counter(
+                "bq_sink_append_streams_settled_total",
+                "Write streams finalized to learn from their row count which unanswered appends had landed",
+            ),
+            storage_streams_created: counter(
+                "bq_sink_write_streams_created_total",
+                "Storage Write API streams created (one per partition and table in use; again after a stream was finalized)",
+            ),
+            storage_connections: gauge(
+                "bq_sink_write_stream_connections",
+                "Open Storage Write API connections (one per write stream in use; idle ones are closed)",
+            ),
             batch_rows: histogram(
                 "bq_sink_batch_rows",
                 "Rows per flushed table batch",
@@ -157,7 +172,7 @@ impl Metrics {
             ),
             orphaned_partitions: gauge(
                 "bq_sink_orphaned_partitions",
-                "Partitions with records waiting that no member of the group owns, as this replica sees it",
+                "Partitions with records waiting that no member of the group owns, as this replica judges it (from DescribeGroups, or no committed progress for the stall timeout)",
             ),
             retries: counter(
                 "bq_sink_retries_total",

@@ -15,7 +15,7 @@ use hookpipe_common::TableRef;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::batch::{Item, Limits, TableBatch, Trigger, chunks};
+use crate::batch::{Item, Limits, TableBatch, Trigger};
 use crate::decide::{Action, Health, Policy, Situation, decide};
 use crate::dedup::{RecentHits, first_occurrences};
 use crate::metrics::Metrics;
@@ -305,11 +305,8 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
         cancel: &CancellationToken,
     ) -> Written {
         let table = run.table;
-        let mut work: Vec<Vec<Item>> = chunks(&items, self.limits.max_rows, self.limits.max_bytes)
-            .into_iter()
-            .map(|r| items[r].to_vec())
-            .collect();
-        work.reverse();
+        // Each unit of work goes to the warehouse whole; it splits it into requests itself.
+        let mut work: Vec<Vec<Item>> = vec![items];
         while let Some(chunk) = work.pop() {
             if cancel.is_cancelled() {
                 return Written::Done;
@@ -325,7 +322,7 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
             self.metrics
                 .write_duration
                 .observe(started.elapsed().as_secs_f64());
-            let error = match result {
+            let (chunk, error) = match result {
                 Ok(()) => {
                     // Dies like SIGKILL right after the rows are stored, before they count as
                     // done (so before any commit covers them).
@@ -334,8 +331,20 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                     run.success();
                     continue;
                 }
-                Err(error) => error,
+                Err(WriteError::Partial { written, error }) => {
+                    let (stored, rest, error) = split_written(chunk, &written, *error);
+                    if !stored.is_empty() {
+                        fail::fail_point!("sink::after_write", |_| std::process::abort());
+                        self.written(table, &stored);
+                        run.success();
+                    }
+                    (rest, error)
+                }
+                Err(error) => (chunk, error),
             };
+            if chunk.is_empty() {
+                continue;
+            }
             self.metrics.write_error(error.kind());
             let mut situation = run.situation(chunk.len());
             let mut action = decide(&self.policy, &error, &situation);
@@ -607,6 +616,35 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
             }
         }
     }
+}
+
+/// Splits a unit of work after a partial write: the rows stored, the rest, and the error with
+/// its row indexes counted in the rest.
+fn split_written(
+    chunk: Vec<Item>,
+    written: &[usize],
+    error: WriteError,
+) -> (Vec<Item>, Vec<Item>, WriteError) {
+    let written: HashSet<usize> = written.iter().copied().collect();
+    let mut position = HashMap::new();
+    let (mut stored, mut rest) = (Vec::new(), Vec::new());
+    for (i, item) in chunk.into_iter().enumerate() {
+        if written.contains(&i) {
+            stored.push(item);
+        } else {
+            position.insert(i, rest.len());
+            rest.push(item);
+        }
+    }
+    let error = match error {
+        WriteError::RowsRejected(rows) => WriteError::RowsRejected(
+            rows.into_iter()
+                .filter_map(|(i, detail)| Some((*position.get(&i)?, detail)))
+                .collect(),
+        ),
+        other => other,
+    };
+    (stored, rest, error)
 }
 
 /// Runs `call` unless `cancel` fires first (then the call in flight is dropped).

@@ -23,6 +23,8 @@ pub struct Servers {
     pub brokers: String,
     /// Emulator REST base, e.g. `http://127.0.0.1:19050`.
     pub bq_rest: String,
+    /// Emulator Storage Write API (gRPC), e.g. `http://127.0.0.1:19060`.
+    pub bq_grpc: String,
     pub project: String,
 }
 
@@ -36,6 +38,7 @@ impl Servers {
         Self {
             brokers: get("HOOKPIPE_TEST_BROKERS"),
             bq_rest: get("HOOKPIPE_TEST_BQ_REST"),
+            bq_grpc: get("HOOKPIPE_TEST_BQ_GRPC"),
             project: "local-project".into(),
         }
     }
@@ -360,6 +363,16 @@ impl Wiring {
         env.push((
             "HOOKPIPE_BIGQUERY_ENDPOINT".into(),
             self.servers.bq_endpoint(),
+        ));
+        env.push((
+            "HOOKPIPE_BIGQUERY_STORAGE_ENDPOINT".into(),
+            self.servers.bq_grpc.clone(),
+        ));
+        // The write path under test: the Storage Write API unless HOOKPIPE_TEST_WRITE_API says
+        // otherwise (scripts/test runs the sink tests with both).
+        env.push((
+            "HOOKPIPE_BIGQUERY_WRITE_API".into(),
+            std::env::var("HOOKPIPE_TEST_WRITE_API").unwrap_or_else(|_| "storage".into()),
         ));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Sink {
@@ -800,6 +813,10 @@ impl PrivateEmulator {
 
     pub fn rest(&self) -> String {
         format!("http://127.0.0.1:{}", self.rest_port)
+    }
+
+    pub fn grpc(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
     /// Stops the emulator (SIGTERM, then waits).

@@ -327,6 +327,7 @@ impl Pipeline {
         let servers = Servers {
             brokers: broker.brokers(),
             bq_rest: emulator.rest(),
+            bq_grpc: emulator.grpc(),
             project: "local-project".into(),
         };
         let dataset = unique("soak");

@@ -97,6 +97,7 @@ async fn ctrl_c_stops_in_order_and_the_next_start_writes_the_example_within_5_s(
     let servers = Servers {
         brokers: format!("127.0.0.1:{}", port(9092)),
         bq_rest: format!("http://127.0.0.1:{}", port(9050)),
+        bq_grpc: format!("http://127.0.0.1:{}", port(9060)),
         project: "local-project".into(),
     };
     let client = reqwest::Client::new();

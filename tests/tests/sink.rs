@@ -116,6 +116,7 @@ async fn bigquery_down_for_a_while_is_retried_without_loss_or_duplicates() {
     let mut emulator = PrivateEmulator::start().await;
     let servers = Servers {
         bq_rest: emulator.rest(),
+        bq_grpc: emulator.grpc(),
         ..Servers::from_env()
     };
     let stream = new_stream();

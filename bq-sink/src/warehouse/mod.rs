@@ -15,7 +15,9 @@ use uuid::Uuid;
 
 use crate::row::Row;
 
+pub mod credentials;
 pub mod rest;
+pub mod storage;
 
 /// What went wrong with a BigQuery call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +52,13 @@ pub enum WriteError {
     RequestRejected(String),
     #[error("table not found")]
     TableMissing,
+    /// Some of the rows were stored (by index into the rows written), then `error` happened to
+    /// the others (its row indexes, if any, also count from the start of the rows written).
+    #[error("{} rows stored, then: {error}", written.len())]
+    Partial {
+        written: Vec<usize>,
+        error: Box<WriteError>,
+    },
 }
 
 impl WriteError {
@@ -64,6 +73,7 @@ impl WriteError {
             WriteError::RowsRejected(_) => "rows_rejected",
             WriteError::RequestRejected(_) => "request_rejected",
             WriteError::TableMissing => "table_missing",
+            WriteError::Partial { error, .. } => error.kind(),
         }
     }
 
@@ -94,7 +104,9 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Creates the dataset and table when missing; checks the schema of an existing table.
     async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError>;
 
-    /// Writes rows read from one partition; `Ok` means all of them are stored.
+    /// Writes rows read from one partition, in as many requests as the write path needs (in
+    /// order, pipelined where it can). `Ok` means all of them are stored; an error says which
+    /// were (`Partial`) and why the others were not.
     async fn write(
         &self,
         table: &TableRef,
@@ -130,6 +142,53 @@ pub fn lookup_dates(dates: &BTreeSet<NaiveDate>) -> BTreeSet<NaiveDate> {
         .flatten()
         .filter(in_date_range)
         .collect()
+}
+
+/// The write path chosen at start-up (`HOOKPIPE_BIGQUERY_WRITE_API`).
+pub enum AnyWarehouse {
+    Storage(std::sync::Arc<storage::Storage>),
+    InsertAll(rest::InsertAll),
+}
+
+#[async_trait]
+impl Warehouse for AnyWarehouse {
+    async fn ensure_table(&self, table: &TableRef) -> Result<(), WriteError> {
+        match self {
+            Self::Storage(w) => w.ensure_table(table).await,
+            Self::InsertAll(w) => w.ensure_table(table).await,
+        }
+    }
+
+    async fn write(
+        &self,
+        table: &TableRef,
+        partition: i32,
+        rows: &[&Row],
+    ) -> Result<(), WriteError> {
+        match self {
+            Self::Storage(w) => w.write(table, partition, rows).await,
+            Self::InsertAll(w) => w.write(table, partition, rows).await,
+        }
+    }
+
+    async fn existing_hit_ids(
+        &self,
+        table: &TableRef,
+        dates: &BTreeSet<NaiveDate>,
+        hit_ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, WriteError> {
+        match self {
+            Self::Storage(w) => w.existing_hit_ids(table, dates, hit_ids).await,
+            Self::InsertAll(w) => w.existing_hit_ids(table, dates, hit_ids).await,
+        }
+    }
+
+    async fn release(&self, partition: i32) {
+        match self {
+            Self::Storage(w) => w.release(partition).await,
+            Self::InsertAll(w) => w.release(partition).await,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -134,17 +134,6 @@ pub fn classify(error: BQError) -> WriteError {
     }
 }
 
-/// No credentials: for the local emulator only.
-#[derive(Clone)]
-struct NoAuth;
-
-#[async_trait]
-impl Authenticator for NoAuth {
-    async fn access_token(&self) -> Result<String, BQError> {
-        Ok(String::new())
-    }
-}
-
 /// The REST client: tables, lookups and insertAll.
 pub struct Rest {
     client: Client,
@@ -153,7 +142,11 @@ pub struct Rest {
 }
 
 impl Rest {
-    pub async fn connect(args: &BigQueryArgs) -> Result<Self, BQError> {
+    /// The REST client, acting with `auth` (see `credentials.rs`).
+    pub async fn connect(
+        args: &BigQueryArgs,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Self, BQError> {
         let http = reqwest::Client::builder()
             .timeout(args.timeout)
             .connect_timeout(Duration::from_secs(10))
@@ -163,19 +156,7 @@ impl Rest {
         if let Some(endpoint) = &args.endpoint {
             builder.with_v2_base_url(endpoint.trim_end_matches('/').to_owned());
         }
-        let client = match args.auth.as_str() {
-            "none" => builder.build_from_authenticator(Arc::new(NoAuth)).await?,
-            "service-account" => {
-                let path = args
-                    .key_file
-                    .as_ref()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                builder.build_from_service_account_key_file(&path).await?
-            }
-            "workload-identity" => builder.build_with_workload_identity(false).await?,
-            _ => builder.build_from_application_default_credentials().await?,
-        };
+        let client = builder.build_from_authenticator(auth).await?;
         Ok(Self {
             client,
             location: args.location.clone(),
@@ -324,9 +305,55 @@ impl Rest {
     }
 }
 
-/// The legacy write path: `tabledata.insertAll` (`HOOKPIPE_BIGQUERY_WRITE_API=insert-all`).
+/// The legacy write path: `tabledata.insertAll` (`HOOKPIPE_BIGQUERY_WRITE_API=insert-all`),
+/// in requests of at most `max_rows` rows and about `max_bytes` bytes (insertAll takes 10 MB).
 pub struct InsertAll {
     pub rest: Arc<Rest>,
+    pub max_rows: usize,
+    pub max_bytes: usize,
+}
+
+/// Splits rows into requests of at most `max_rows` rows and about `max_bytes` bytes (a single
+/// larger row still goes alone rather than never).
+pub fn request_ranges(
+    rows: &[&Row],
+    max_rows: usize,
+    max_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let size = row.approx_bytes();
+        if i > start && (i - start >= max_rows || bytes + size > max_bytes) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(start..rows.len());
+    }
+    out
+}
+
+/// An error of a request that started at row `start`, as part of a write whose rows before
+/// `start` are stored.
+pub fn after(start: usize, error: WriteError) -> WriteError {
+    let error = match error {
+        WriteError::RowsRejected(rows) => {
+            WriteError::RowsRejected(rows.into_iter().map(|(i, d)| (i + start, d)).collect())
+        }
+        other => other,
+    };
+    if start == 0 {
+        error
+    } else {
+        WriteError::Partial {
+            written: (0..start).collect(),
+            error: Box::new(error),
+        }
+    }
 }
 
 #[async_trait]
@@ -341,7 +368,13 @@ impl Warehouse for InsertAll {
         _partition: i32,
         rows: &[&Row],
     ) -> Result<(), WriteError> {
-        self.rest.insert_all(table, rows).await
+        for range in request_ranges(rows, self.max_rows, self.max_bytes) {
+            let start = range.start;
+            if let Err(error) = self.rest.insert_all(table, &rows[range]).await {
+                return Err(after(start, error));
+            }
+        }
+        Ok(())
     }
 
     async fn existing_hit_ids(
@@ -373,6 +406,43 @@ mod tests {
             sql,
             "SELECT DISTINCT hit_id FROM `p.d.t` WHERE date IN (DATE '2020-10-18', DATE '2020-10-19', DATE '2020-10-20') AND hit_id IN ('83cc2a6a-4829-4410-bab4-95b680c5b8d7')"
         );
+    }
+
+    fn row(payload_len: usize) -> Row {
+        Row {
+            hit_id: Uuid::nil(),
+            payload: "x".repeat(payload_len).into(),
+            received_at: 0,
+            date: NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
+        }
+    }
+
+    #[test]
+    fn requests_respect_row_and_byte_limits_and_errors_count_from_the_write() {
+        let rows: Vec<Row> = (0..7).map(|_| row(100)).collect();
+        let refs: Vec<&Row> = rows.iter().collect();
+        assert_eq!(request_ranges(&refs, 3, 1_000_000), [0..3, 3..6, 6..7]);
+        let size = rows[0].approx_bytes();
+        assert_eq!(
+            request_ranges(&refs, 100, size * 2),
+            [0..2, 2..4, 4..6, 6..7]
+        );
+        // A single oversized row still goes alone rather than never.
+        assert_eq!(
+            request_ranges(&refs[..1], 100, 1),
+            vec![std::ops::Range { start: 0, end: 1 }]
+        );
+        assert!(request_ranges(&[], 3, 10).is_empty());
+        // The third request (rows 6..) fails: rows 0..6 are stored, the rejected row is 7.
+        let e = after(6, WriteError::RowsRejected(vec![(1, "bad".into())]));
+        assert_eq!(
+            e,
+            WriteError::Partial {
+                written: (0..6).collect(),
+                error: Box::new(WriteError::RowsRejected(vec![(7, "bad".into())])),
+            }
+        );
+        assert_eq!(after(0, WriteError::TableMissing), WriteError::TableMissing);
     }
 
     #[test]
