@@ -148,6 +148,14 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_DEDUP_MEMORY", default_value_t = 1_000_000)]
     pub dedup_memory: usize,
 
+    /// The ownership fence: after a partition is assigned, how long its suspect rows (those a
+    /// previous owner may have written) wait before they are looked up. A previous owner that
+    /// left cleanly has stopped and finalized its streams before the assignment; one whose
+    /// session expired (a pause, a partition) notices within about a heartbeat and stops then;
+    /// this is the time it gets.
+    #[arg(long, env = "HOOKPIPE_FENCE_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub fence_wait: Duration,
+
     /// First pause before retrying a failed BigQuery write; doubles up to the maximum, with
     /// jitter.
     #[arg(long, env = "HOOKPIPE_RETRY_INITIAL", default_value = "200ms", value_parser = parse_duration)]

@@ -99,9 +99,9 @@ impl ConsumerContext for SinkContext {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let handle = tokio::runtime::Handle::current();
-            for p in &partitions {
-                handle.block_on(self.owner.release(*p));
-            }
+            handle.block_on(futures_util::future::join_all(
+                partitions.iter().map(|p| self.owner.release(*p)),
+            ));
         });
         let mut tracker = lock(&self.tracker);
         let offsets = tracker.to_commit_for(|p| partitions.contains(&p));

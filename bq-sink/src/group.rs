@@ -173,11 +173,18 @@ impl Guard {
 }
 
 /// Looks at the group every quarter of the stall timeout (at least every 2 s) and acts on the
-/// guard's verdict: rejoins, sets readiness, or cancels `fatal` with the reason. Runs beside
-/// the pipeline until `cancel`; librdkafka's calls are thread-safe, and a rejoin's rebalance is
+/// guard's verdict: rejoins, sets readiness, or returns the reason to exit. Runs beside the
+/// pipeline until `cancel`; librdkafka's calls are thread-safe, and a rejoin's rebalance is
 /// served by the pipeline's poll as any other.
+///
+/// The looks (metadata, committed offsets, watermarks, DescribeGroups) go through `observer`,
+/// a client of the same group that never joins it: a broker that answers DescribeGroups by
+/// closing the connection (tansu) must not cut the consumer's own connections, which carry its
+/// heartbeats. Only the consumer's assignment is read from the consumer itself.
+#[allow(clippy::too_many_arguments)]
 pub async fn watch(
     consumer: Arc<SinkConsumer>,
+    observer: Arc<rdkafka::consumer::BaseConsumer>,
     topic: String,
     group: String,
     settings: GuardSettings,
@@ -199,8 +206,14 @@ pub async fn watch(
             .context()
             .assignment_lost
             .swap(false, Ordering::Relaxed);
-        let (c, t, g) = (consumer.clone(), topic.clone(), group.clone());
-        let looked = tokio::task::spawn_blocking(move || look(&c, &t, &g, describe_works)).await;
+        let (c, o, t, g) = (
+            consumer.clone(),
+            observer.clone(),
+            topic.clone(),
+            group.clone(),
+        );
+        let looked =
+            tokio::task::spawn_blocking(move || look(&c, &o, &t, &g, describe_works)).await;
         let Ok(Some((mut view, described))) = looked else {
             // Broker unreachable: nothing to judge (the lost flag is kept for the next look).
             if lost {
@@ -247,7 +260,13 @@ pub async fn watch(
 /// One look: this member's assignment, every partition's committed offset and end, and (when
 /// `describe`) which partitions the group's members own. `None` when the broker does not
 /// answer; the flag says whether the group was described.
-fn look(consumer: &SinkConsumer, topic: &str, group: &str, describe: bool) -> Option<(View, bool)> {
+fn look(
+    consumer: &SinkConsumer,
+    observer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    group: &str,
+    describe: bool,
+) -> Option<(View, bool)> {
     const WAIT: Duration = Duration::from_secs(5);
     let owned: Vec<i32> = consumer
         .assignment()
@@ -256,6 +275,7 @@ fn look(consumer: &SinkConsumer, topic: &str, group: &str, describe: bool) -> Op
         .iter()
         .map(|e| e.partition())
         .collect();
+    let consumer = observer;
     let metadata = consumer.fetch_metadata(Some(topic), WAIT).ok()?;
     let mut list = TopicPartitionList::new();
     for p in metadata.topics().first()?.partitions() {
@@ -295,7 +315,11 @@ fn look(consumer: &SinkConsumer, topic: &str, group: &str, describe: bool) -> Op
 
 /// The partitions of `topic` the group's members own, from DescribeGroups. `None` when the
 /// broker does not answer it (tansu closes the connection).
-fn describe_owners(consumer: &SinkConsumer, topic: &str, group: &str) -> Option<HashSet<i32>> {
+fn describe_owners(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    group: &str,
+) -> Option<HashSet<i32>> {
     let list = consumer
         .fetch_group_list(Some(group), Duration::from_secs(3))
         .ok()?;

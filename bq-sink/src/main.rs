@@ -154,6 +154,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         unparked: tokio::sync::Notify::new(),
         partitions: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),
+        fence: config.fence_wait,
     });
 
     let mut consumer_config = base.clone();
@@ -245,6 +246,17 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let group_ready = Arc::new(AtomicBool::new(true));
     let fatal = Arc::new(Mutex::new(None::<String>));
     if !config.stall_timeout.is_zero() {
+        // Of the same group, never subscribed: reads the group's commits without joining it.
+        let mut observer_config = base.clone();
+        observer_config
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false");
+        config.kafka.apply_overrides(&mut observer_config);
+        let observer: Arc<rdkafka::consumer::BaseConsumer> = Arc::new(
+            observer_config
+                .create()
+                .context("creating the group guard's client")?,
+        );
         let settings = GuardSettings {
             stall: config.stall_timeout,
             max_rejoins: 2,
@@ -268,6 +280,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
             async move {
                 if let Some(reason) = group::watch(
                     consumer,
+                    observer,
                     topic,
                     group_id,
                     settings,

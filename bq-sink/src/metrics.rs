@@ -24,6 +24,7 @@ pub struct Metrics {
     pub appends_settled: IntCounter,
     pub storage_streams_created: IntCounter,
     pub storage_connections: IntGauge,
+    pub streams_released: IntCounter,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     flushes: IntCounterVec,
@@ -128,6 +129,10 @@ impl Metrics {
             storage_streams_created: counter(
                 "bq_sink_write_streams_created_total",
                 "Storage Write API streams created (one per partition and table in use; again after a stream was finalized)",
+            ),
+            streams_released: counter(
+                "bq_sink_write_streams_released_total",
+                "Write streams finalized because their partition was revoked or lost (no append of this replica lands on them afterwards)",
             ),
             storage_connections: gauge(
                 "bq_sink_write_stream_connections",

@@ -28,6 +28,8 @@ struct PartitionState {
     suspect_until: Option<i64>,
     /// Whether consumption of the partition is paused (as last applied to the consumer).
     paused: bool,
+    /// When this consumer was assigned the partition.
+    assigned_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +52,26 @@ impl OffsetTracker {
 
     /// Starts tracking a newly assigned partition.
     pub fn assign(&mut self, partition: i32) {
-        self.partitions.entry(partition).or_default();
+        self.partitions
+            .entry(partition)
+            .or_default()
+            .assigned_at
+            .get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// How long a lookup of the partition's suspect rows must still wait for `fence` after the
+    /// assignment to have passed (zero when it has, or for a partition not owned).
+    pub fn fence_remaining(
+        &self,
+        partition: i32,
+        fence: std::time::Duration,
+    ) -> std::time::Duration {
+        self.partitions
+            .get(&partition)
+            .and_then(|s| s.assigned_at)
+            .map_or(std::time::Duration::ZERO, |at| {
+                fence.saturating_sub(at.elapsed())
+            })
     }
 
     /// Forgets a revoked partition: completions that arrive for it later are ignored, since
@@ -367,5 +388,23 @@ mod tests {
         t.revoke(1);
         assert_eq!(t.in_flight_bytes(), 50);
         assert_eq!(t.owned(), [0]);
+    }
+
+    #[test]
+    fn suspect_lookups_wait_out_the_fence_after_an_assignment() {
+        let mut t = OffsetTracker::new(10);
+        let fence = std::time::Duration::from_secs(60);
+        assert_eq!(
+            t.fence_remaining(0, fence),
+            std::time::Duration::ZERO,
+            "not owned"
+        );
+        t.assign(0);
+        let left = t.fence_remaining(0, fence);
+        assert!(left > std::time::Duration::from_secs(59) && left <= fence);
+        assert_eq!(
+            t.fence_remaining(0, std::time::Duration::ZERO),
+            std::time::Duration::ZERO
+        );
     }
 }

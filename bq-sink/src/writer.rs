@@ -64,6 +64,9 @@ pub struct Writer<W, S> {
     pub partitions: Mutex<HashMap<i32, CancellationToken>>,
     /// Writes running per partition, so a revoke can wait for them.
     pub active: Mutex<HashMap<i32, usize>>,
+    /// How long after an assignment the partition's suspect rows wait before they are looked
+    /// up: time for a previous owner that lost its session to notice and stop writing.
+    pub fence: Duration,
 }
 
 /// Counts a running write of a partition for as long as it lives.
@@ -251,8 +254,17 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                 }
             }
             // 2. Rows a previous owner (or an attempt whose answer was lost) may have written:
-            //    look them up and skip those already there.
+            //    look them up and skip those already there, once a previous owner can no
+            //    longer write (the fence).
             if items.iter().any(|i| i.suspect) {
+                let wait = lock(&self.tracker).fence_remaining(partition, self.fence);
+                if !wait.is_zero() {
+                    tracing::debug!(%table, partition, wait_ms = wait.as_millis() as u64, "waiting out the fence before looking suspect rows up");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = cancel.cancelled() => return,
+                    }
+                }
                 let Some(result) = guarded(cancel, self.lookup_suspects(&table, &items)).await
                 else {
                     return;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -17,7 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
 
 /// What the proxy does to requests now.
 #[derive(Clone, Debug, Default)]
@@ -159,21 +161,43 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// An upstream (or client) body as the proxy's body type.
+fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    BodyExt::boxed(body.map_err(Into::into))
+}
+
+/// Whether `text` holds `needle` followed by something that cannot continue a table name.
+fn names(text: &str, needle: &str) -> bool {
+    text.match_indices(needle).any(|(at, _)| {
+        text[at + needle.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    })
+}
+
 /// Whether the request (path and the start of its body) is about one of the denied tables.
 fn about_denied(path: &str, head: &[u8], denied: &[(String, String)]) -> bool {
     let body = String::from_utf8_lossy(head);
     denied.iter().any(|(dataset, table)| {
-        let in_path = format!("/datasets/{dataset}/tables/{table}");
-        path.contains(&format!("{in_path}/"))
-            || path.ends_with(&in_path)
+        let resource = format!("datasets/{dataset}/tables/{table}");
+        names(path, &resource)
             // A query naming it, a table being created, a write stream's name (gRPC).
             || body.contains(&format!("{dataset}.{table}`"))
             || (body.contains(&format!("\"datasetId\":\"{dataset}\""))
                 && body.contains(&format!("\"tableId\":\"{table}\"")))
-            || body.contains(&format!("datasets/{dataset}/tables/{table}/"))
-            || body.contains(&format!("datasets/{dataset}/tables/{table}\u{1a}"))
-            || body.ends_with(&format!("datasets/{dataset}/tables/{table}"))
+            || names(&body, &resource)
     })
+}
+
+/// The error that cuts a proxied gRPC call after the emulator answered: hyper resets the
+/// stream, and the client sees the call fail without the answer.
+fn lost_answer() -> BoxError {
+    Box::new(std::io::Error::other("answer lost (fault proxy)"))
 }
 
 fn is_write(path: &str) -> bool {
@@ -259,7 +283,9 @@ impl State {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return refusal(grpc, status, "backendError", "Backend error (fault proxy)");
         }
-        let lose = is_write(&path) && {
+        // A REST write's answer is dropped whole; a gRPC stream's answers one at a time, as
+        // they come (below), since one AppendRows call carries many appends.
+        let lose = !grpc && is_write(&path) && {
             let mut r = lock(&self.rules);
             if r.lose_answers > 0 {
                 r.lose_answers -= 1;
@@ -273,9 +299,9 @@ impl State {
             full(first)
         } else {
             let stream = futures_util::stream::once(async move {
-                Ok::<_, hyper::Error>(hyper::body::Frame::data(first))
+                Ok::<_, BoxError>(hyper::body::Frame::data(first))
             })
-            .chain(http_body_util::BodyStream::new(body));
+            .chain(http_body_util::BodyStream::new(body).map(|f| f.map_err(BoxError::from)));
             BodyExt::boxed(http_body_util::StreamBody::new(stream))
         };
         let mut forward = Request::from_parts(parts, rest);
@@ -293,19 +319,116 @@ impl State {
         let client = if grpc { &self.http2 } else { &self.http1 };
         match client.request(forward).await {
             Ok(response) if lose => {
-                // Let the emulator finish serving it, then drop the answer.
-                let (_, body) = response.into_parts();
-                let _ = body.collect().await;
+                // Let the emulator serve it, then drop the answer: all of a REST answer; the
+                // first answer of a gRPC stream (the first append was stored), after which the
+                // call is cut.
+                let (_, mut body) = response.into_parts();
+                if grpc {
+                    while let Some(Ok(frame)) = body.frame().await {
+                        if frame.is_data() {
+                            break;
+                        }
+                    }
+                } else {
+                    let _ = body.collect().await;
+                }
                 self.lost.fetch_add(1, Ordering::Relaxed);
                 refusal(grpc, 503, "backendError", "answer lost (fault proxy)")
             }
-            Ok(response) => response.map(|b| b.boxed()),
+            Ok(response) if grpc && is_write(&path) => {
+                // Each answer frame: forwarded, unless an answer is to be lost; then the
+                // emulator has stored that append and the call is cut before its answer.
+                let (parts, body) = response.into_parts();
+                let (rules, lost) = (self.rules.clone(), self.lost.clone());
+                let frames = http_body_util::BodyStream::new(body).map(move |frame| {
+                    let frame = frame.map_err(BoxError::from)?;
+                    if frame.is_data() {
+                        let mut r = lock(&rules);
+                        if r.lose_answers > 0 {
+                            r.lose_answers -= 1;
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            return Err(lost_answer());
+                        }
+                    }
+                    Ok(frame)
+                });
+                Response::from_parts(
+                    parts,
+                    BodyExt::boxed(http_body_util::StreamBody::new(frames)),
+                )
+            }
+            Ok(response) => response.map(boxed),
             Err(_) => refusal(grpc, 502, "backendError", "upstream unreachable"),
         }
     }
 }
 
-use futures_util::StreamExt as _;
+/// Both of the emulator's APIs behind fault proxies: REST (tables, lookups, insertAll) and
+/// the Storage Write API (gRPC). Faults apply to whichever path carries them.
+pub struct FaultyBigQuery {
+    pub rest: FaultProxy,
+    pub grpc: FaultProxy,
+}
+
+impl FaultyBigQuery {
+    /// Proxies in front of `servers`' emulator.
+    pub async fn start(servers: &crate::Servers) -> Self {
+        let addr = |url: &str| url.trim_start_matches("http://").to_owned();
+        Self {
+            rest: FaultProxy::start(&addr(&servers.bq_rest)).await,
+            grpc: FaultProxy::start(&addr(&servers.bq_grpc)).await,
+        }
+    }
+
+    /// The sink settings that send it through the proxies.
+    pub fn sink_env(&self) -> [(&'static str, String); 2] {
+        [
+            (
+                "HOOKPIPE_BIGQUERY_ENDPOINT",
+                format!("http://{}/bigquery/v2", self.rest.addr()),
+            ),
+            (
+                "HOOKPIPE_BIGQUERY_STORAGE_ENDPOINT",
+                format!("http://{}", self.grpc.addr()),
+            ),
+        ]
+    }
+
+    pub fn deny_table(&self, table: &str) {
+        self.rest.deny_table(table);
+        self.grpc.deny_table(table);
+    }
+
+    pub fn allow_all_tables(&self) {
+        self.rest.allow_all_tables();
+        self.grpc.allow_all_tables();
+    }
+
+    /// Every write (insertAll, AppendRows) answered with `status`.
+    pub fn fail_writes(&self, status: Option<u16>) {
+        self.rest.fail_writes(status);
+        self.grpc.fail_writes(status);
+    }
+
+    pub fn delay(&self, delay: Duration) {
+        self.rest.delay(delay);
+        self.grpc.delay(delay);
+    }
+
+    /// The next `n` writes served and their answers dropped.
+    pub fn lose_answers(&self, n: u32) {
+        self.rest.lose_answers(n);
+        self.grpc.lose_answers(n);
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.rest.refused() + self.grpc.refused()
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.rest.lost() + self.grpc.lost()
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -342,6 +465,16 @@ mod tests {
         assert!(about_denied(
             "/google.cloud.bigquery.storage.v1.BigQueryWrite/AppendRows",
             b"\x00\x00\x00\x00\x30\n.projects/p/datasets/d/tables/t/streams/abc",
+            &denied
+        ));
+        assert!(about_denied(
+            "/google.cloud.bigquery.storage.v1.BigQueryWrite/CreateWriteStream",
+            b"\x00\x00\x00\x00\x30\n\x1fprojects/p/datasets/d/tables/t\x12\x02\x08\x01",
+            &denied
+        ));
+        assert!(!about_denied(
+            "/google.cloud.bigquery.storage.v1.BigQueryWrite/CreateWriteStream",
+            b"\x00\x00\x00\x00\x30\n\x1fprojects/p/datasets/d/tables/t2\x12\x02\x08\x01",
             &denied
         ));
     }

@@ -13,15 +13,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hookpipe_tests::proxy::FaultProxy;
+use hookpipe_tests::proxy::FaultyBigQuery;
 use hookpipe_tests::{Wiring, counts, eventually, metric, send_hits, unique, write_catalogue};
 
 fn new_stream() -> String {
     uuid::Uuid::new_v4().to_string()
-}
-
-fn rest_addr(servers: &hookpipe_tests::Servers) -> String {
-    servers.bq_rest.trim_start_matches("http://").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,15 +31,16 @@ async fn a_table_refused_for_two_minutes_does_not_stop_the_other_streams() {
         (&broken, &broken_table, "UTC"),
     ]);
     let wiring = Wiring::new(catalogue, 2).await;
-    let proxy = FaultProxy::start(&rest_addr(&wiring.servers)).await;
+    let proxy = FaultyBigQuery::start(&wiring.servers).await;
     proxy.deny_table(&broken_table);
-    let endpoint = format!("http://{}/bigquery/v2", proxy.addr());
+    let [rest, grpc] = proxy.sink_env();
     let gateway = wiring.gateway(&[]).await;
     // A small dedup window: without parking, the broken table's oldest row would hold every
     // partition's commit and pause them after 100 records (the 485 of 800 rows).
     let sink = wiring
         .sink(&[
-            ("HOOKPIPE_BIGQUERY_ENDPOINT", &endpoint),
+            (rest.0, &rest.1),
+            (grpc.0, &grpc.1),
             ("HOOKPIPE_BATCH_MAX_ROWS", "50"),
             ("HOOKPIPE_BATCH_MAX_AGE", "200ms"),
             ("HOOKPIPE_DEDUP_WINDOW", "200"),
@@ -171,14 +168,15 @@ async fn a_5xx_storm_on_every_write_dead_letters_nothing_and_loses_nothing() {
     let stream = new_stream();
     let table = format!("local-project.{}.orders", unique("storm"));
     let wiring = Wiring::new(write_catalogue(&[(&stream, &table, "UTC")]), 2).await;
-    let proxy = FaultProxy::start(&rest_addr(&wiring.servers)).await;
-    let endpoint = format!("http://{}/bigquery/v2", proxy.addr());
+    let proxy = FaultyBigQuery::start(&wiring.servers).await;
+    let [rest, grpc] = proxy.sink_env();
     let gateway = wiring.gateway(&[]).await;
     // The emulator's bad-row quirk is on, as locally: a 503 must still not be taken for a bad
     // row.
     let sink = wiring
         .sink(&[
-            ("HOOKPIPE_BIGQUERY_ENDPOINT", &endpoint),
+            (rest.0, &rest.1),
+            (grpc.0, &grpc.1),
             ("HOOKPIPE_BATCH_MAX_ROWS", "50"),
             ("HOOKPIPE_BATCH_MAX_AGE", "200ms"),
             ("HOOKPIPE_RETRY_INITIAL", "100ms"),

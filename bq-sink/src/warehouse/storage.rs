@@ -334,13 +334,15 @@ impl Storage {
                 &format!("parent={parent}"),
             )
             .await?;
-        let stream = self
-            .client
-            .clone()
-            .create_write_stream(request)
-            .await
-            .map_err(|s| classify(s.code() as i32, s.message()))?
-            .into_inner();
+        // The request's own timeout is only a header the server may honour: bound the wait here.
+        let stream = tokio::time::timeout(
+            self.settings.timeout,
+            self.client.clone().create_write_stream(request),
+        )
+        .await
+        .map_err(|_| WriteError::Transient("CreateWriteStream: no answer in time".into()))?
+        .map_err(|s| classify(s.code() as i32, s.message()))?
+        .into_inner();
         self.metrics.storage_streams_created.inc();
         tracing::debug!(%table, stream = %stream.name, "write stream created");
         Ok(stream.name)
@@ -357,12 +359,13 @@ impl Storage {
                 &format!("name={name}"),
             )
             .await?;
-        let response = self
-            .client
-            .clone()
-            .finalize_write_stream(request)
-            .await
-            .map_err(|s| classify(s.code() as i32, s.message()))?;
+        let response = tokio::time::timeout(
+            self.settings.timeout,
+            self.client.clone().finalize_write_stream(request),
+        )
+        .await
+        .map_err(|_| WriteError::Transient("FinalizeWriteStream: no answer in time".into()))?
+        .map_err(|s| classify(s.code() as i32, s.message()))?;
         Ok(response.into_inner().row_count)
     }
 
@@ -616,6 +619,8 @@ impl Warehouse for Storage {
         let mut written: Vec<usize> = Vec::new();
         let mut lost_before = false;
         let mut resends = 0;
+        // Streams finalized to settle this write's appends; past two, give up for now.
+        let mut settled = 0;
         let error = loop {
             if done == appends.len() {
                 return Ok(());
@@ -655,6 +660,15 @@ impl Warehouse for Storage {
                                 done += landed;
                             }
                             resends = 0;
+                            // Known exactly now: nothing is in doubt any more.
+                            lost_before = false;
+                            settled += 1;
+                            if settled >= 2 && done < appends.len() {
+                                // Known not stored; BigQuery keeps dropping the connection.
+                                break WriteError::Transient(format!(
+                                    "append answers keep being lost: {reason}"
+                                ));
+                            }
                             continue;
                         }
                         Err(e) => break e,
@@ -687,6 +701,11 @@ impl Warehouse for Storage {
                                             ranges[done].start..ranges[done + landed - 1].end,
                                         );
                                         done += landed;
+                                    }
+                                    lost_before = false;
+                                    settled += 1;
+                                    if settled >= 2 && done < appends.len() {
+                                        break classify(code, &message);
                                     }
                                     continue;
                                 }
@@ -747,10 +766,12 @@ impl Warehouse for Storage {
         self.rest.existing_hit_ids(table, dates, hit_ids).await
     }
 
-    /// Finalizes every stream of the partition: an append of this process still on its way
-    /// fails instead of landing after the next owner looked its rows up.
+    /// Finalizes every stream of the partition, concurrently and within `RELEASE_WAIT`: an
+    /// append of this process still on its way then fails instead of landing after the next
+    /// owner looked its rows up. (This runs inside the rebalance: it must not hold it up; a
+    /// stream not finalized in time is covered by the next owner's fence wait.)
     async fn release(&self, partition: i32) {
-        let states: Vec<((i32, TableRef), Arc<tokio::sync::Mutex<StreamState>>)> = {
+        let states: Vec<((i32, TableRef), SharedState)> = {
             let mut streams = lock(&self.streams);
             let keys: Vec<_> = streams
                 .keys()
@@ -761,25 +782,34 @@ impl Warehouse for Storage {
                 .filter_map(|k| streams.remove_entry(&k))
                 .collect()
         };
-        for ((_, table), state) in states {
+        let finalizes = states.into_iter().map(|((_, table), state)| async move {
             let mut st = state.lock().await;
             st.connection = None;
-            if let Some(name) = st.name.take() {
-                match tokio::time::timeout(self.settings.timeout, self.finalize(&name)).await {
-                    Ok(Ok(rows)) => {
-                        tracing::debug!(%table, partition, stream = %name, rows, "write stream finalized on release")
-                    }
-                    Ok(Err(error)) => {
-                        tracing::warn!(%table, partition, %error, "finalizing a released write stream failed; the next owner waits out the fence")
-                    }
-                    Err(_) => {
-                        tracing::warn!(%table, partition, "finalizing a released write stream timed out")
-                    }
+            let Some(name) = st.name.take() else { return };
+            match self.finalize(&name).await {
+                Ok(rows) => {
+                    self.metrics.streams_released.inc();
+                    tracing::debug!(%table, partition, stream = %name, rows, "write stream finalized on release");
+                }
+                Err(error) => {
+                    tracing::warn!(%table, partition, %error, "finalizing a released write stream failed; the next owner waits out the fence");
                 }
             }
+        });
+        if tokio::time::timeout(RELEASE_WAIT, futures_util::future::join_all(finalizes))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                partition,
+                "finalizing released write streams took too long; the next owner waits out the fence"
+            );
         }
     }
 }
+
+/// How long a revoke may spend finalizing the partition's write streams.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 impl Storage {
     /// Finalizes the stream and tells from its row count how many of `pending` (sent from
