@@ -206,10 +206,17 @@ start_emulator() {
   log "BigQuery emulator on 127.0.0.1:$rest (gRPC $grpc, log: $dir/emulator.log)"
 }
 
-# create_topic PORT NAME PARTITIONS: create unless it exists.
+# The topics' max.message.bytes for the gateway's default body limit (1 MiB): body + 64 KiB for
+# the envelope + 1 KiB framing (ingest-gateway's required_message_bytes); the parking topic
+# holds a main-topic record plus the reason, 4 KiB more. The gateway checks the main topic.
+MAIN_TOPIC_MAX_MESSAGE_BYTES=1115136
+PARKING_TOPIC_MAX_MESSAGE_BYTES=1119232
+
+# create_topic PORT NAME PARTITIONS [MAX_MESSAGE_BYTES]: create unless it exists.
 create_topic() {
-  local port=$1 name=$2 partitions=$3 out
-  if out=$("$TANSU_BIN" topic create --broker "tcp://127.0.0.1:$port" --partitions "$partitions" "$name" 2>&1); then
+  local port=$1 name=$2 partitions=$3 out config=()
+  [ -z "${4:-}" ] || config=(--config "max.message.bytes=$4")
+  if out=$("$TANSU_BIN" topic create --broker "tcp://127.0.0.1:$port" --partitions "$partitions" "${config[@]}" "$name" 2>&1); then
     log "topic $name created ($partitions partitions)"
   elif grep -q "already exists" <<<"$out"; then
     log "topic $name exists"

@@ -156,6 +156,16 @@ pub struct Stream {
     pub table: TableRef,
     pub zone: Zone,
     pub auth: Option<AuthSpec>,
+    /// Requests per second this stream may send to each gateway replica; `None` is unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A stream's rate limit: a token bucket refilled at `per_second` that holds `burst` tokens,
+/// per gateway replica (N replicas take up to N times as much in all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// All streams, by id.
@@ -199,6 +209,16 @@ struct RawStream {
     timezone: String,
     #[serde(default)]
     auth: Option<RawAuth>,
+    #[serde(default)]
+    rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_second: u32,
+    #[serde(default)]
+    burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -290,7 +310,24 @@ impl Catalogue {
                 Some(Ok(auth)) => Some(Some(auth)),
                 None => Some(None),
             };
-            if let (Some(id), Some(table), Some(zone), Some(auth)) = (id, table, zone, auth) {
+            let rate_limit = match raw.rate_limit {
+                None => Some(None),
+                Some(RawRateLimit { per_second: 0, .. }) => {
+                    problem("rate_limit.per_second", "must be at least 1".into());
+                    None
+                }
+                Some(RawRateLimit { burst: Some(0), .. }) => {
+                    problem("rate_limit.burst", "must be at least 1".into());
+                    None
+                }
+                Some(RawRateLimit { per_second, burst }) => Some(Some(RateLimit {
+                    per_second,
+                    burst: burst.unwrap_or(per_second),
+                })),
+            };
+            if let (Some(id), Some(table), Some(zone), Some(auth), Some(rate_limit)) =
+                (id, table, zone, auth, rate_limit)
+            {
                 catalogue.order.push(id);
                 catalogue.streams.insert(
                     id,
@@ -300,6 +337,7 @@ impl Catalogue {
                         table,
                         zone,
                         auth,
+                        rate_limit,
                     }),
                 );
             }
@@ -584,6 +622,51 @@ streams:
         assert_eq!(h.tolerance, Duration::from_secs(60));
         assert_eq!(h.secrets.len(), 2);
         assert_eq!(h.encoding, SignatureEncoding::Hex);
+    }
+
+    #[test]
+    fn a_rate_limit_parses_with_burst_defaulting_to_the_rate() {
+        let base = "    table: p.d.t\n    timezone: UTC\n";
+        let c = Catalogue::from_yaml(&one_stream(&format!(
+            "{base}    rate_limit:\n      per_second: 50\n      burst: 200\n"
+        )))
+        .unwrap();
+        let s = c.streams().next().unwrap();
+        assert_eq!(
+            s.rate_limit,
+            Some(RateLimit {
+                per_second: 50,
+                burst: 200
+            })
+        );
+        let c = Catalogue::from_yaml(&one_stream(&format!(
+            "{base}    rate_limit:\n      per_second: 7\n"
+        )))
+        .unwrap();
+        assert_eq!(c.streams().next().unwrap().rate_limit.unwrap().burst, 7);
+        assert!(
+            Catalogue::from_yaml(&one_stream(base))
+                .unwrap()
+                .streams()
+                .next()
+                .unwrap()
+                .rate_limit
+                .is_none()
+        );
+        let p = problems(&one_stream(&format!(
+            "{base}    rate_limit:\n      per_second: 0\n"
+        )));
+        assert!(
+            p[0].ends_with("rate_limit.per_second: must be at least 1"),
+            "{p:?}"
+        );
+        let p = problems(&one_stream(&format!(
+            "{base}    rate_limit:\n      per_second: 5\n      burst: 0\n"
+        )));
+        assert!(
+            p[0].ends_with("rate_limit.burst: must be at least 1"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Config {
     pub catalogue_reload_interval: Duration,
 
     /// Largest accepted body in bytes; larger requests get 413 without the rest being read.
+    /// The one size setting: the producer's `message.max.bytes` and the `max.message.bytes`
+    /// the topic needs follow from it (body + 65 KiB for the envelope and framing), and the
+    /// gateway checks the topic at start-up.
     #[arg(long, env = "HOOKPIPE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
@@ -65,10 +68,34 @@ pub struct Config {
     )]
     pub idempotency_header: String,
 
-    /// How long Kafka may take to acknowledge a message before the sender gets 503
-    /// (librdkafka `message.timeout.ms`).
+    /// How long Kafka may take to acknowledge a message before the sender gets 503. Also the
+    /// stall rule: while a message has waited longer than this, new requests get 503 at once
+    /// without being queued, so a sender retrying through an outage adds at most one row.
     #[arg(long, env = "HOOKPIPE_PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub publish_timeout: Duration,
+
+    /// How long the producer keeps trying to deliver a message it holds before giving up on it
+    /// (librdkafka `message.timeout.ms`); `0` is unbounded, which only the local tansu broker
+    /// needs (scripts/run-local and the tests set it: tansu 0.6 cannot follow the epoch bump an
+    /// idempotent producer makes when it times messages out). At least HOOKPIPE_PUBLISH_TIMEOUT.
+    #[arg(long, env = "HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub producer_message_timeout: Duration,
+
+    /// Bytes the producer may hold unacknowledged (librdkafka `queue.buffering.max.kbytes`);
+    /// beyond it new requests get 503. Keep it well under the pod's memory limit
+    /// (scripts/check-k8s checks the manifests).
+    #[arg(
+        long,
+        env = "HOOKPIPE_PRODUCER_QUEUE_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub producer_queue_bytes: usize,
+
+    /// Refuse to start when the topic could lose acknowledged hits to one broker's failure
+    /// (`min.insync.replicas` below 2 or `unclean.leader.election.enable` on a cluster of
+    /// several brokers); by default the gateway only warns.
+    #[arg(long, env = "HOOKPIPE_REQUIRE_DURABLE_TOPIC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_durable_topic: bool,
 
     /// How long a client may take to send a request's headers, and how long an idle
     /// keep-alive connection is kept; then the connection is closed (slow-header protection).
@@ -135,6 +162,19 @@ impl Config {
         }
         if self.publish_timeout < Duration::from_millis(100) {
             return Err("HOOKPIPE_PUBLISH_TIMEOUT must be at least 100ms".into());
+        }
+        if !self.producer_message_timeout.is_zero()
+            && self.producer_message_timeout < self.publish_timeout
+        {
+            return Err("HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT must be 0 (unbounded) or at least HOOKPIPE_PUBLISH_TIMEOUT".into());
+        }
+        let needed = crate::publisher::required_message_bytes(self.max_body_bytes);
+        if self.producer_queue_bytes < 2 * needed {
+            return Err(format!(
+                "HOOKPIPE_PRODUCER_QUEUE_BYTES must hold at least two of the largest messages ({} bytes for HOOKPIPE_MAX_BODY_BYTES={})",
+                2 * needed,
+                self.max_body_bytes
+            ));
         }
         if self.drain_timeout < self.publish_timeout {
             return Err("HOOKPIPE_DRAIN_TIMEOUT must be at least HOOKPIPE_PUBLISH_TIMEOUT, or requests in flight at shutdown could be cut off before Kafka answers".into());

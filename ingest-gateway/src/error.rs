@@ -29,6 +29,9 @@ pub enum ApiError {
     BodyTimeout,
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// The stream is over its `rate_limit`; retry after this many seconds.
+    #[error("rate limit exceeded for this stream, retry later")]
+    RateLimited(u64),
     /// The broker could not take the message in time; the sender should retry.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -70,6 +74,9 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),
                 );
+            }
+            ApiError::RateLimited(secs) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             ApiError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET, POST"));

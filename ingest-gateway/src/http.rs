@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,10 @@ use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hookpipe_common::Catalogue;
-use hookpipe_common::catalogue::Shared;
+use hookpipe_common::catalogue::{RateLimit, Shared};
 use hookpipe_proto::Message;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::Semaphore;
@@ -24,7 +27,7 @@ use crate::auth::Verifier;
 use crate::envelope::{self, Received};
 use crate::error::{ApiError, Result};
 use crate::metrics::{Metrics, UNKNOWN_STREAM};
-use crate::publisher::Publish;
+use crate::publisher::{Publish, PublishError};
 
 /// Longest idempotency key accepted (keys are usually UUIDs or order ids).
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
@@ -37,6 +40,8 @@ pub struct GatewayStreams {
     /// Each stream's table and zone as the envelope carries them, formatted once per catalogue
     /// version rather than per request.
     pub placements: HashMap<Uuid, Placement>,
+    /// Each rate-limited stream's token bucket, with the limit it was made for.
+    pub limiters: HashMap<Uuid, (RateLimit, Arc<DefaultDirectRateLimiter>)>,
 }
 
 /// Where a stream's hits go, as written into every envelope.
@@ -50,6 +55,25 @@ impl GatewayStreams {
     /// Resolves every stream's secrets; a catalogue naming a secret the gateway cannot read is
     /// refused as a whole, so a stream is never served without its auth rule.
     pub fn build(catalogue: Catalogue) -> Result<Self, String> {
+        Self::build_after(catalogue, &Self::default())
+    }
+
+    /// The same, keeping the token buckets of streams whose limit did not change, so a
+    /// catalogue reload does not hand every limited stream a fresh burst.
+    pub fn build_after(catalogue: Catalogue, previous: &GatewayStreams) -> Result<Self, String> {
+        let limiters = catalogue
+            .streams()
+            .filter_map(|s| {
+                let limit = s.rate_limit?;
+                let kept = previous
+                    .limiters
+                    .get(&s.id)
+                    .filter(|(old, _)| *old == limit)
+                    .map(|(_, limiter)| limiter.clone());
+                let limiter = kept.unwrap_or_else(|| Arc::new(RateLimiter::direct(quota(limit))));
+                Some((s.id, (limit, limiter)))
+            })
+            .collect();
         let mut verifiers = HashMap::new();
         let placements = catalogue
             .streams()
@@ -74,8 +98,26 @@ impl GatewayStreams {
             catalogue,
             verifiers,
             placements,
+            limiters,
         })
     }
+}
+
+fn quota(limit: RateLimit) -> Quota {
+    let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(nonzero(limit.per_second)).allow_burst(nonzero(limit.burst))
+}
+
+/// Whether the stream may send one more request now; if not, the whole seconds until it may
+/// (at least 1), for `Retry-After`.
+fn rate_check(streams: &GatewayStreams, stream_id: &Uuid) -> Result<(), u64> {
+    let Some((_, limiter)) = streams.limiters.get(stream_id) else {
+        return Ok(());
+    };
+    limiter.check().map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    })
 }
 
 /// Request limits from the configuration.
@@ -171,6 +213,8 @@ async fn accept<P: Publish>(
     received_at_ms: i64,
     request: Request,
 ) -> Result<String> {
+    // Before the body is read: a sender over its stream's limit costs the gateway nothing more.
+    rate_check(streams, &stream_id).map_err(ApiError::RateLimited)?;
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().unwrap_or("");
     let payload = match parts.method {
@@ -227,9 +271,16 @@ async fn accept<P: Publish>(
         .publish(envelope.hit_id.as_bytes(), &value)
         .await
         .map_err(|error| {
-            tracing::warn!(stream = label, %error, "publish failed");
             state.metrics.publish_error(error.kind());
-            ApiError::Unavailable(error.reason())
+            match error {
+                PublishError::TooLarge => ApiError::PayloadTooLarge,
+                // Logged once per state change by the readiness loop, not per request.
+                PublishError::Stalled => ApiError::Unavailable(error.reason()),
+                _ => {
+                    tracing::warn!(stream = label, %error, "publish failed");
+                    ApiError::Unavailable(error.reason())
+                }
+            }
         })?;
     state
         .metrics

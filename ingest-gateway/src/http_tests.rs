@@ -297,6 +297,7 @@ async fn broker_trouble_is_503_with_retry_after_and_never_2xx() {
     for error in [
         PublishError::QueueFull,
         PublishError::Timeout,
+        PublishError::Stalled,
         PublishError::Broker("all brokers down".into()),
     ] {
         let rec = Arc::new(Recorder::default());
@@ -311,6 +312,73 @@ async fn broker_trouble_is_503_with_retry_after_and_never_2xx() {
             "internal text leaked: {reason}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_message_too_large_for_the_topic_is_413_never_503() {
+    let rec = Arc::new(Recorder::default());
+    *rec.fail.lock().unwrap() = Some(PublishError::TooLarge);
+    let (status, headers, json) = call(state(rec, 10), post(&format!("/ds/{STREAM}"), "a=1")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(headers.get("retry-after").is_none());
+    assert_eq!(
+        json["error"], "payload too large",
+        "a sender must not retry this"
+    );
+}
+
+#[tokio::test]
+async fn a_rate_limited_stream_answers_429_past_its_burst_and_other_streams_do_not_notice() {
+    let limited = "4a1f3a52-6a43-4f43-8a3b-1f9e51a8d0aa";
+    let yaml = format!(
+        "streams:\n  - id: {STREAM}\n    table: p.d.t\n    timezone: UTC\n  - id: {limited}\n    table: p.d.l\n    timezone: UTC\n    rate_limit: {{per_second: 1, burst: 3}}\n"
+    );
+    let rec = Arc::new(Recorder::default());
+    let st = state(rec.clone(), 10);
+    let streams = GatewayStreams::build(Catalogue::from_yaml(&yaml).unwrap()).unwrap();
+    st.streams.replace(streams);
+    for _ in 0..3 {
+        let (status, _, _) = call(st.clone(), post(&format!("/ds/{limited}"), "a=1")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let (status, headers, json) = call(st.clone(), post(&format!("/ds/{limited}"), "a=1")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(
+        json["error"],
+        "rate limit exceeded for this stream, retry later"
+    );
+    assert_eq!(rec.sent.lock().unwrap().len(), 3, "a 429 is not published");
+    // Another stream is not limited.
+    for _ in 0..10 {
+        let (status, _, _) = call(st.clone(), post(&format!("/ds/{STREAM}"), "a=1")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    // A reload with the same limit keeps the bucket (no fresh burst); a changed limit is new.
+    let again =
+        GatewayStreams::build_after(Catalogue::from_yaml(&yaml).unwrap(), &st.streams.current())
+            .unwrap();
+    st.streams.replace(again);
+    let (status, _, _) = call(st.clone(), post(&format!("/ds/{limited}"), "a=1")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let raised = GatewayStreams::build_after(
+        Catalogue::from_yaml(&yaml.replace("burst: 3", "burst: 5")).unwrap(),
+        &st.streams.current(),
+    )
+    .unwrap();
+    st.streams.replace(raised);
+    let (status, _, _) = call(st.clone(), post(&format!("/ds/{limited}"), "a=1")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let text = st.metrics.registry.gather();
+    let encoded = prometheus::TextEncoder::new()
+        .encode_to_string(&text)
+        .unwrap();
+    assert!(
+        encoded.contains(&format!(
+            "ingest_gateway_http_requests_total{{status=\"429\",stream=\"{limited}\"}} 2"
+        )),
+        "{encoded}"
+    );
 }
 
 #[tokio::test]

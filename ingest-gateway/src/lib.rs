@@ -12,6 +12,7 @@ pub mod publisher;
 pub mod server;
 pub mod snippets;
 pub mod streams;
+pub mod topic_check;
 
 #[cfg(test)]
 mod http_tests;

@@ -12,7 +12,7 @@ use hookpipe_common::catalogue::{Shared, watch_catalogue};
 use ingest_gateway::config::{Cli, Command};
 use ingest_gateway::http::{AppState, GatewayStreams, Limits, app};
 use ingest_gateway::metrics::Metrics;
-use ingest_gateway::publisher::{KafkaPublisher, Publish, producer_config};
+use ingest_gateway::publisher::{KafkaPublisher, ProducerSettings, Publish, producer_config};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -53,9 +53,14 @@ async fn main() -> anyhow::Result<()> {
 
     let mut kafka_config = producer_config(
         config.kafka.client_config(),
-        config.producer_queue_messages,
-        config.producer_linger,
-        &config.producer_compression,
+        &ProducerSettings {
+            queue_messages: config.producer_queue_messages,
+            queue_bytes: config.producer_queue_bytes,
+            linger: config.producer_linger,
+            compression: config.producer_compression.clone(),
+            message_timeout: config.producer_message_timeout,
+            max_body_bytes: config.max_body_bytes,
+        },
     );
     config.kafka.apply_overrides(&mut kafka_config);
     let publisher = Arc::new(
@@ -63,9 +68,13 @@ async fn main() -> anyhow::Result<()> {
             &kafka_config,
             config.kafka.topic.clone(),
             config.publish_timeout,
+            config.max_body_bytes,
         )
         .context("creating the Kafka producer")?,
     );
+    ingest_gateway::topic_check::at_start_up(&kafka_config, &config)
+        .await
+        .map_err(|problem| anyhow::anyhow!("{problem}"))?;
 
     let cancel = CancellationToken::new();
     hookpipe_common::shutdown::cancel_on_signal(cancel.clone());
@@ -90,14 +99,14 @@ async fn main() -> anyhow::Result<()> {
 
     tokio::spawn({
         let (streams, metrics, cancel) = (streams.clone(), metrics.clone(), cancel.clone());
-        let gauge_metrics = metrics.clone();
+        let (gauge_metrics, previous) = (metrics.clone(), streams.clone());
         watch_catalogue(
             catalogue_path,
             config.catalogue_reload_interval,
             streams,
             cancel,
             move |catalogue| {
-                let built = GatewayStreams::build(catalogue)?;
+                let built = GatewayStreams::build_after(catalogue, &previous.current())?;
                 gauge_metrics
                     .catalogue_streams
                     .set(built.catalogue.len() as i64);

@@ -106,7 +106,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "ingest_gateway_kafka_publish_errors_total",
-                    "Publishes that failed (the sender got 503), by kind (queue_full, timeout, broker)",
+                    "Publishes that failed, by kind (queue_full, timeout, stalled, broker: the sender got 503; too_large: 413)",
                 ),
                 &["kind"],
             )
@@ -132,7 +132,7 @@ impl Metrics {
             .expect("valid metric"),
         );
         // Start every kind at 0, so the first failure is an increase Prometheus sees.
-        for kind in ["queue_full", "timeout", "broker"] {
+        for kind in crate::publisher::PublishError::KINDS {
             publish_errors.with_label_values(&[kind]);
         }
         Self {

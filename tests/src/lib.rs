@@ -82,14 +82,34 @@ where
     }
 }
 
+/// The main topic's `max.message.bytes` for the gateway's default body limit, as
+/// scripts/lib.sh sets it (body + 65 KiB: ingest-gateway's `required_message_bytes`).
+pub const MAIN_TOPIC_MAX_MESSAGE_BYTES: usize = 1_115_136;
+/// The parking topic's: a main-topic record and its reason.
+pub const PARKING_TOPIC_MAX_MESSAGE_BYTES: usize = 1_119_232;
+
 pub async fn create_topic(servers: &Servers, name: &str, partitions: i32) {
+    create_topic_with(servers, name, partitions, None).await
+}
+
+/// A topic whose `max.message.bytes` is set (as a production topic must be for the body limit).
+pub async fn create_topic_sized(servers: &Servers, name: &str, partitions: i32, max: usize) {
+    create_topic_with(servers, name, partitions, Some(max)).await
+}
+
+async fn create_topic_with(servers: &Servers, name: &str, partitions: i32, max: Option<usize>) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &servers.brokers)
         .create()
         .unwrap();
+    let max = max.map(|m| m.to_string());
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    if let Some(max) = &max {
+        topic = topic.set("max.message.bytes", max);
+    }
     let results = admin
         .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[topic],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         )
         .await
@@ -290,9 +310,9 @@ impl Wiring {
         let topic = unique("webhooks");
         let dlq_topic = format!("{topic}-dlq");
         let parking_topic = format!("{topic}-parked");
-        create_topic(&servers, &topic, partitions).await;
+        create_topic_sized(&servers, &topic, partitions, MAIN_TOPIC_MAX_MESSAGE_BYTES).await;
         create_topic(&servers, &dlq_topic, 1).await;
-        create_topic(&servers, &parking_topic, 1).await;
+        create_topic_sized(&servers, &parking_topic, 1, PARKING_TOPIC_MAX_MESSAGE_BYTES).await;
         Self {
             servers,
             catalogue,
@@ -326,6 +346,8 @@ impl Wiring {
     pub async fn gateway_at(&self, port: u16, admin_port: u16, extra: &[(&str, &str)]) -> Gateway {
         let mut env = self.common_env();
         env.push(("HOOKPIPE_LISTEN".into(), format!("127.0.0.1:{port}")));
+        // Only for tansu (see HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT); a test may override it.
+        env.push(("HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT".into(), "0".into()));
         env.push((
             "HOOKPIPE_ADMIN_LISTEN".into(),
             format!("127.0.0.1:{admin_port}"),

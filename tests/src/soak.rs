@@ -211,11 +211,12 @@ impl fmt::Display for Summary {
         writeln!(f, "  dead letters    {}", self.dead_letters)?;
         writeln!(
             f,
-            "  keyless         {} sent, {} acknowledged, {} lost, {} extra rows (at most {} rows for one webhook)",
+            "  keyless         {} sent, {} acknowledged, {} lost, {} extra rows ({:.3} per webhook; at most {} rows for one webhook)",
             self.keyless_sent,
             self.keyless_acknowledged,
             self.keyless_lost,
             self.keyless_extra_rows,
+            self.keyless_extra_rows as f64 / self.keyless_acknowledged.max(1) as f64,
             self.keyless_most_rows
         )?;
         writeln!(f, "  faults          {faults}")?;

@@ -44,8 +44,18 @@ async fn main() {
     let args = Args::parse();
     let mut base = ClientConfig::new();
     base.set("bootstrap.servers", &args.brokers);
-    let config =
-        ingest_gateway::publisher::producer_config(base, 100_000, args.linger, &args.compression);
+    // The gateway's own producer settings (the local broker needs the unbounded timeout).
+    let config = ingest_gateway::publisher::producer_config(
+        base,
+        &ingest_gateway::publisher::ProducerSettings {
+            queue_messages: 100_000,
+            queue_bytes: 64 * 1024 * 1024,
+            linger: args.linger,
+            compression: args.compression.clone(),
+            message_timeout: Duration::ZERO,
+            max_body_bytes: 1024 * 1024,
+        },
+    );
     let producer: FutureProducer = config.create().expect("producer");
     let stream = args.stream.unwrap_or_else(uuid::Uuid::new_v4);
     let next = Arc::new(AtomicU64::new(0));
