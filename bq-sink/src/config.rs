@@ -25,6 +25,10 @@ pub enum Command {
     /// Put dead letters back on the main topic (after fixing their cause), filtered by
     /// stream, reason and receipt time. Uses the same Kafka settings and topics as the sink.
     ReplayDlq(crate::replay::ReplayArgs),
+    /// Prove, per stream and receipt day, that every hit Kafka accepted in a window is in
+    /// BigQuery exactly once. Exit 0: nothing missing or duplicated; 1: something is; 2: the
+    /// audit could not run.
+    Audit(crate::audit::AuditArgs),
 }
 
 /// The sink's settings.

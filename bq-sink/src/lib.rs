@@ -1,6 +1,7 @@
 //! bq-sink: the Kafka consumer group that turns envelopes into rows of each stream's BigQuery
 //! table, in micro-batches, committing offsets only after rows are written.
 
+pub mod audit;
 pub mod batch;
 pub mod config;
 pub mod consumer;

@@ -67,11 +67,66 @@ async fn main() -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if let Some(Command::Audit(args)) = cli.command {
+        return Ok(ExitCode::from(audit(&config, &args).await));
+    }
     if let Err(problem) = config.validate() {
         bail!("invalid configuration: {problem}");
     }
     tracing::info!(?config, "starting bq-sink");
     run(config).await
+}
+
+/// `bq-sink audit`: the report on stdout, problems on stderr, and the exit status.
+async fn audit(config: &Config, args: &bq_sink::audit::AuditArgs) -> u8 {
+    let outcome = async {
+        config.kafka.validate()?;
+        let catalogue = match &config.catalogue {
+            Some(path) => Catalogue::load(path).map_err(|e| e.to_string())?,
+            None => Catalogue::default(),
+        };
+        let auth = credentials(&config.bigquery)
+            .await
+            .map_err(|e| format!("BigQuery credentials: {e}"))?;
+        let rest = Arc::new(
+            Rest::connect(&config.bigquery, auth)
+                .await
+                .map_err(|e| format!("connecting to BigQuery: {e}"))?,
+        );
+        let mut kafka = config.kafka.client_config();
+        config.kafka.apply_overrides(&mut kafka);
+        let setup = bq_sink::audit::Setup {
+            kafka,
+            topic: &config.kafka.topic,
+            dlq_topic: &config.dlq_topic,
+            parking_topic: &config.parking_topic,
+            group_id: &config.group_id,
+            catalogue: &catalogue,
+            rest,
+        };
+        bq_sink::audit::run(&setup, args).await
+    }
+    .await;
+    match outcome {
+        Ok(report) => {
+            if args.format == "json" {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return bq_sink::audit::EXIT_FAILED;
+                    }
+                }
+            } else {
+                print!("{}", report.table());
+            }
+            report.exit_code()
+        }
+        Err(problem) => {
+            eprintln!("error: the audit could not run: {problem}");
+            bq_sink::audit::EXIT_FAILED
+        }
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {

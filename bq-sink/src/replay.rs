@@ -52,7 +52,7 @@ pub struct ReplayArgs {
     pub from_start: bool,
 }
 
-fn parse_instant(s: &str) -> Result<i64, String> {
+pub fn parse_instant(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp_millis())
         .map_err(|e| format!("`{s}` is not an RFC 3339 instant: {e}"))
