@@ -33,11 +33,15 @@ use crate::warehouse::rest::{Param, Rest};
 #[derive(clap::Args, Clone, Debug)]
 pub struct AuditArgs {
     /// Start of the window, on `received_at` (RFC 3339, e.g. 2026-11-27T00:00:00Z).
-    #[arg(long, value_parser = crate::replay::parse_instant)]
-    pub since: i64,
+    #[arg(long, value_parser = crate::replay::parse_instant, requires = "until", required_unless_present = "day")]
+    pub since: Option<i64>,
     /// End of the window (exclusive), on `received_at` (RFC 3339).
-    #[arg(long, value_parser = crate::replay::parse_instant)]
-    pub until: i64,
+    #[arg(long, value_parser = crate::replay::parse_instant, requires = "since")]
+    pub until: Option<i64>,
+    /// Instead of --since/--until: one UTC day, `yesterday`, `today` or `YYYY-MM-DD` (what the
+    /// scheduled audit in Kubernetes runs, with no shell to compute dates).
+    #[arg(long, conflicts_with_all = ["since", "until"])]
+    pub day: Option<String>,
     /// Only this stream (repeatable); every stream by default.
     #[arg(long = "stream")]
     pub streams: Vec<Uuid>,
@@ -148,11 +152,41 @@ impl Progress {
     }
 }
 
+impl AuditArgs {
+    /// The window `[since, until)` in Unix ms.
+    pub fn window(&self, now_ms: i64) -> Result<(i64, i64), String> {
+        let (since, until) = match (&self.day, self.since, self.until) {
+            (Some(day), _, _) => {
+                let today = chrono::DateTime::from_timestamp_millis(now_ms)
+                    .ok_or("clock out of range")?
+                    .date_naive();
+                let date = match day.as_str() {
+                    "today" => today,
+                    "yesterday" => today.pred_opt().ok_or("date out of range")?,
+                    other => other.parse::<NaiveDate>().map_err(|e| {
+                        format!("--day `{other}` is not yesterday, today or YYYY-MM-DD: {e}")
+                    })?,
+                };
+                let start = date
+                    .and_hms_opt(0, 0, 0)
+                    .ok_or("date out of range")?
+                    .and_utc()
+                    .timestamp_millis();
+                (start, start + 86_400_000)
+            }
+            (None, Some(since), Some(until)) => (since, until),
+            _ => return Err("give --since and --until, or --day".into()),
+        };
+        if until <= since {
+            return Err("--until must be after --since".into());
+        }
+        Ok((since, until))
+    }
+}
+
 /// Runs the audit; `Err` when it could not run (exit 2).
 pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> {
-    if args.until <= args.since {
-        return Err("--until must be after --since".into());
-    }
+    let (since, until) = args.window(hookpipe_common::now_ms())?;
     let wanted: HashSet<Uuid> = args.streams.iter().copied().collect();
     let selected = |s: &Uuid| wanted.is_empty() || wanted.contains(s);
     let consumer = Arc::new(audit_consumer(setup)?);
@@ -162,7 +196,6 @@ pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> 
             setup.dlq_topic.to_owned(),
             setup.parking_topic.to_owned(),
         );
-        let (since, until) = (args.since, args.until);
         tokio::task::spawn_blocking(move || -> Result<_, String> {
             Ok((
                 read_dead_letters(&consumer, &dlq, since, until)?,
@@ -175,8 +208,8 @@ pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> 
 
     let mut report = Report {
         topic: setup.topic.to_owned(),
-        since: instant(args.since),
-        until: instant(args.until),
+        since: instant(since),
+        until: instant(until),
         ..Report::default()
     };
     let mut days: BTreeMap<(String, String, NaiveDate), DayReport> = BTreeMap::new();
@@ -184,9 +217,9 @@ pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> 
     let mut duplicated: BTreeMap<(String, NaiveDate), Vec<Uuid>> = BTreeMap::new();
     let mut progress = Progress::new();
     let mut scan_mode = None;
-    let mut slice_start = args.since;
-    while slice_start < args.until {
-        let slice_end = (slice_start + SLICE_MS).min(args.until);
+    let mut slice_start = since;
+    while slice_start < until {
+        let slice_end = (slice_start + SLICE_MS).min(until);
         let (hits, records, mode) = {
             let (consumer, topic) = (consumer.clone(), setup.topic.to_owned());
             let wanted = wanted.clone();
@@ -201,8 +234,7 @@ pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> 
 
         // The tables to ask: those the hits went to, and every selected catalogue stream's
         // (rows there with no record in Kafka are reported too), each with its zones.
-        let mut tables: BTreeMap<String, (TableRef, Vec<Zone>, BTreeSet<Uuid>)> =
-            BTreeMap::new();
+        let mut tables: BTreeMap<String, (TableRef, Vec<Zone>, BTreeSet<Uuid>)> = BTreeMap::new();
         for stream in setup.catalogue.streams().filter(|s| selected(&s.id)) {
             let entry = tables
                 .entry(stream.table.to_string())
@@ -260,7 +292,11 @@ pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> 
             // Rows of the window that no record of the slice accounts for.
             let totals = window_totals(&setup.rest, table, &dates, slice_start, slice_end).await?;
             let owner = match streams.len() {
-                1 => streams.iter().next().map(Uuid::to_string).unwrap_or_default(),
+                1 => streams
+                    .iter()
+                    .next()
+                    .map(Uuid::to_string)
+                    .unwrap_or_default(),
                 _ => "(shared table)".to_owned(),
             };
             for (date, total) in totals {
@@ -423,7 +459,11 @@ fn scan_slice(
     let mut query = TopicPartitionList::new();
     for (partition, _, _) in &parts {
         query
-            .add_partition_offset(topic, *partition, Offset::Offset(since - TIMESTAMP_SLACK_MS))
+            .add_partition_offset(
+                topic,
+                *partition,
+                Offset::Offset(since - TIMESTAMP_SLACK_MS),
+            )
             .map_err(|e| e.to_string())?;
     }
     let (starts, mode) = match consumer.offsets_for_times(query, KAFKA_TIMEOUT) {
@@ -788,6 +828,34 @@ mod tests {
         assert!(sql.contains("ROW_NUMBER() OVER (PARTITION BY hit_id ORDER BY received_at) = 1"));
         assert_eq!(sql.matches("DATE '2026-11-27'").count(), 2);
         assert_eq!(sql.matches(&format!("'{hit}'")).count(), 2);
+    }
+
+    #[test]
+    fn a_day_is_one_utc_day_and_windows_must_be_ordered() {
+        let now = 1_795_808_199_561; // 2026-11-27T...Z
+        let day = |d: &str| AuditArgs {
+            since: None,
+            until: None,
+            day: Some(d.into()),
+            streams: vec![],
+            format: "table".into(),
+            repair: false,
+        };
+        let (since, until) = day("yesterday").window(now).unwrap();
+        assert_eq!(instant(since), "2026-11-26T00:00:00.000Z");
+        assert_eq!(until - since, 86_400_000);
+        assert_eq!(
+            instant(day("2026-01-02").window(now).unwrap().0),
+            "2026-01-02T00:00:00.000Z"
+        );
+        assert!(day("last week").window(now).is_err());
+        let backwards = AuditArgs {
+            since: Some(2),
+            until: Some(1),
+            day: None,
+            ..day("x")
+        };
+        assert!(backwards.window(now).is_err());
     }
 
     #[test]

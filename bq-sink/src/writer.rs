@@ -497,10 +497,15 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
                 .count();
             self.metrics
                 .rows_written(stream.hyphenated().encode_lower(&mut id_buf), n as u64);
+            // Per stream: a table may be shared by several streams.
+            if let Some(newest) = chunk[counted..counted + n]
+                .iter()
+                .map(|i| i.row.received_at)
+                .max()
+            {
+                self.metrics.stream_freshness(stream, newest);
+            }
             counted += n;
-        }
-        if let Some(newest) = chunk.iter().map(|i| i.row.received_at).max() {
-            self.metrics.stream_freshness(chunk[0].stream, newest);
         }
         lock(&self.recent).insert(chunk.iter().map(|i| i.row.hit_id));
         self.done(chunk);

@@ -371,11 +371,44 @@ impl Wiring {
     /// A sink, not waiting for it to be ready.
     pub fn spawn_sink(&self, extra: &[(&str, &str)]) -> Sink {
         let admin_port = free_port();
-        let mut env = self.common_env();
+        let mut env = self.sink_env();
         env.push((
             "HOOKPIPE_ADMIN_LISTEN".into(),
             format!("127.0.0.1:{admin_port}"),
         ));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Sink {
+            proc: Proc::spawn("sink", "bq-sink", &[], &env),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        }
+    }
+
+    /// Runs a `bq-sink` command (audit, replay-dlq) with the sink's settings; its exit code,
+    /// stdout and stderr.
+    pub async fn sink_command(&self, args: &[&str]) -> (i32, String, String) {
+        let env = self.sink_env();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(binary("bq-sink"))
+                .args(&args)
+                .envs(env)
+                .env("HOOKPIPE_LOG", "warn")
+                .stdin(Stdio::null())
+                .output()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// The sink's settings for this wiring (without its admin address).
+    pub fn sink_env(&self) -> Vec<(String, String)> {
+        let mut env = self.common_env();
         env.push(("HOOKPIPE_GROUP_ID".into(), self.group.clone()));
         env.push(("HOOKPIPE_DLQ_TOPIC".into(), self.dlq_topic.clone()));
         env.push(("HOOKPIPE_PARKING_TOPIC".into(), self.parking_topic.clone()));
@@ -396,11 +429,7 @@ impl Wiring {
             "HOOKPIPE_BIGQUERY_WRITE_API".into(),
             std::env::var("HOOKPIPE_TEST_WRITE_API").unwrap_or_else(|_| "storage".into()),
         ));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Sink {
-            proc: Proc::spawn("sink", "bq-sink", &[], &env),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-        }
+        env
     }
 }
 

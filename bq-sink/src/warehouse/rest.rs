@@ -386,7 +386,10 @@ impl Rest {
             .await
             .map_err(|e| e.to_string())?;
         if let Some(error) = response.errors.as_ref().and_then(|e| e.first()) {
-            return Err(error.message.clone().unwrap_or_else(|| "query failed".into()));
+            return Err(error
+                .message
+                .clone()
+                .unwrap_or_else(|| "query failed".into()));
         }
         if response.job_complete != Some(true) {
             return Err("query did not complete in time".into());
