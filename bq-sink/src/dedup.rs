@@ -59,14 +59,18 @@ impl RecentHits {
 
 /// Splits indexes of a batch into those to write and those that repeat an earlier hit_id of the
 /// same batch or a recently written one.
+///
+/// Each hit_id comes with whether it was put back on purpose (replay-dlq, the audit's
+/// repair, parking): those are not skipped for being in the memory, since they may have been
+/// removed from the table since; the look-up before their write decides.
 pub fn first_occurrences(
-    hit_ids: impl IntoIterator<Item = Uuid>,
+    hit_ids: impl IntoIterator<Item = (Uuid, bool)>,
     recent: &RecentHits,
 ) -> (Vec<usize>, Vec<usize>) {
     let mut seen = HashSet::new();
     let (mut keep, mut skip) = (Vec::new(), Vec::new());
-    for (i, id) in hit_ids.into_iter().enumerate() {
-        if recent.contains(&id) || !seen.insert(id) {
+    for (i, (id, put_back)) in hit_ids.into_iter().enumerate() {
+        if (!put_back && recent.contains(&id)) || !seen.insert(id) {
             skip.push(i);
         } else {
             keep.push(i);
@@ -100,8 +104,19 @@ mod tests {
     fn repeats_in_a_batch_and_recent_writes_are_skipped() {
         let mut r = RecentHits::new(10);
         r.insert([C]);
-        let (keep, skip) = first_occurrences([A, B, A, C, B], &r);
+        let plain = |ids: [Uuid; 5]| ids.map(|id| (id, false));
+        let (keep, skip) = first_occurrences(plain([A, B, A, C, B]), &r);
         assert_eq!(keep, [0, 1]);
         assert_eq!(skip, [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_hit_put_back_on_purpose_is_not_skipped_for_being_remembered() {
+        // The audit's repair of a row deleted from the table: the look-up decides, not memory.
+        let mut r = RecentHits::new(10);
+        r.insert([C]);
+        let (keep, skip) = first_occurrences([(C, true), (C, true), (A, false)], &r);
+        assert_eq!(keep, [0, 2]);
+        assert_eq!(skip, [1]);
     }
 }

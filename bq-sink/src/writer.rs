@@ -203,7 +203,7 @@ impl<W: Warehouse, S: Shelf> Writer<W, S> {
         // Repeats inside the batch and hit_ids this process wrote recently.
         let (keep, repeats) = {
             let recent = lock(&self.recent);
-            first_occurrences(items.iter().map(|i| i.row.hit_id), &recent)
+            first_occurrences(items.iter().map(|i| (i.row.hit_id, i.replayed)), &recent)
         };
         if !repeats.is_empty() {
             self.metrics.duplicates_skipped.inc_by(repeats.len() as u64);

@@ -413,3 +413,50 @@ impl Publish for KafkaPublisher {
         self.current().flush(timeout).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_record_over_the_size_contract_is_too_large_before_any_broker_is_asked() {
+        let mut config = ClientConfig::new();
+        // Nothing listens there: the size check must answer without a broker.
+        config.set("bootstrap.servers", "127.0.0.1:9");
+        let publisher =
+            KafkaPublisher::new(&config, "t".into(), Duration::from_secs(1), 1000).unwrap();
+        let limit = max_record_bytes(1000);
+        let key = [0u8; 36];
+        let value = vec![b'x'; limit - key.len() + 1];
+        assert_eq!(
+            publisher.publish(&key, &value).await,
+            Err(PublishError::TooLarge)
+        );
+        assert_eq!(publisher.queue_len(), 0, "nothing was queued");
+        // Exactly at the limit it is handed to the producer (which then waits for a broker).
+        let value = vec![b'x'; limit - key.len()];
+        assert_eq!(
+            publisher.publish(&key, &value).await,
+            Err(PublishError::Timeout)
+        );
+    }
+
+    #[test]
+    fn the_producer_takes_what_the_gateway_accepts() {
+        let config = producer_config(
+            ClientConfig::new(),
+            &ProducerSettings {
+                queue_messages: 10,
+                queue_bytes: 8 * 1024 * 1024,
+                linger: Duration::from_millis(5),
+                compression: "none".into(),
+                message_timeout: Duration::from_secs(30),
+                max_body_bytes: 1024 * 1024,
+            },
+        );
+        assert_eq!(config.get("message.max.bytes"), Some("1115136"));
+        assert_eq!(config.get("queue.buffering.max.kbytes"), Some("8192"));
+        assert_eq!(config.get("message.timeout.ms"), Some("30000"));
+        assert_eq!(config.get("acks"), Some("all"));
+    }
+}
