@@ -130,6 +130,17 @@ ensure_snippet_runtimes() {
   venv_with "$SNIPPETS_VENV" requests==2.32.3
 }
 
+# ensure_secured_broker_tools: stunnel (Debian's stunnel4) terminates TLS in front of tansu for
+# the secured-broker tests (tests/src/secured.rs); openssl makes their CA and certificates.
+ensure_secured_broker_tools() {
+  local missing=()
+  command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stunnel4)
+  command -v openssl >/dev/null || missing+=(openssl)
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  # The package may start a system stunnel; the tests run their own.
+  systemctl disable --now stunnel4 >/dev/null 2>&1 || true
+}
+
 # ensure_k8s_tools: kubectl (for `kubectl kustomize`; from the machine: it is not in Debian's
 # archive), kubernetes-validate in a venv, and Prometheus with promtool (Debian package).
 K8S_VENV="$HOOKPIPE_CACHE/kubernetes-validate-1.31.0-venv"

@@ -43,11 +43,21 @@ pub struct SinkContext {
     /// Set when librdkafka reported the assignment lost (session timed out): the group guard
     /// then expects ownership back within a bound.
     pub assignment_lost: Arc<AtomicBool>,
+    /// Configuration problems (TLS, SASL) librdkafka reported, once per cause, for `/readyz`.
+    pub health: hookpipe_common::kafka::ClientHealth,
 }
 
 pub type SinkConsumer = StreamConsumer<SinkContext>;
 
 impl ClientContext for SinkContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.health.on_error(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.health.on_log(level, fac, log_message);
+    }
+
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;

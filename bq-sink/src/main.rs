@@ -245,6 +245,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
             revoke_wait: config.drain_timeout,
             group_refused: Default::default(),
             assignment_lost: Default::default(),
+            health: Default::default(),
         })
         .context("creating the Kafka consumer")?;
     consumer
@@ -358,13 +359,27 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
             config.kafka.topic.clone(),
             group_ready.clone(),
         );
+        let probe_config = config.kafka.client_config();
         admin::readiness_loop(
             move || {
-                hookpipe_common::kafka::check_topic(
+                if let Err(error) = hookpipe_common::kafka::check_topic(
                     consumer.client(),
                     &topic,
                     Duration::from_secs(2),
-                )?;
+                ) {
+                    // A configuration problem says which setting to check.
+                    let health = &consumer.context().health;
+                    if health.current().is_none()
+                        && let Some(found) = hookpipe_common::kafka::probe_listener(&probe_config)
+                    {
+                        health.record(found);
+                    }
+                    return Err(match consumer.context().health.current() {
+                        Some(diagnosis) => diagnosis.message.to_owned(),
+                        None => error,
+                    });
+                }
+                consumer.context().health.clear();
                 if consumer.context().group_refused.load(Ordering::Relaxed) {
                     return Err("the consumer group refuses this sink's assignment strategy".into());
                 }

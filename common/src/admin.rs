@@ -14,18 +14,33 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Whether the process should receive work. Starts false; the binary sets it once its
-/// dependencies answer and clears it when draining.
+/// Whether the process should receive work, and why not. Starts false; the binary sets it once
+/// its dependencies answer and clears it when draining.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<AtomicBool>, Arc<std::sync::Mutex<Option<String>>>);
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
+        if ready {
+            self.set_reason(None);
+        }
     }
 
     pub fn get(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// Why the process is not ready (shown by `/readyz`; it must name a setting, never hold a
+    /// secret).
+    pub fn set_reason(&self, reason: Option<String>) {
+        if let Ok(mut r) = self.1.lock() {
+            *r = reason;
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.1.lock().ok().and_then(|r| r.clone())
     }
 }
 
@@ -46,9 +61,19 @@ pub fn router(registry: Registry, ready: Readiness) -> Router {
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if state.ready.get() {
-        (StatusCode::OK, "ready\n")
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "ready": true })),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        let reason = state
+            .ready
+            .reason()
+            .unwrap_or_else(|| "starting or stopping".to_owned());
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "ready": false, "reason": reason })),
+        )
     }
 }
 
@@ -114,6 +139,9 @@ pub async fn readiness_loop<C, A>(
             .unwrap_or_else(|e| Err(e.to_string()));
         after_check();
         let now_ready = outcome.is_ok() && !cancel.is_cancelled();
+        if let Err(reason) = &outcome {
+            ready.set_reason(Some(reason.clone()));
+        }
         if now_ready != was_ready {
             match &outcome {
                 Ok(()) => tracing::info!("broker reachable, ready"),

@@ -135,7 +135,10 @@ impl KafkaArgs {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
-            .set("security.protocol", &self.security_protocol);
+            .set("security.protocol", &self.security_protocol)
+            // Warnings too: librdkafka tells a TLS or SASL mismatch in warning lines, which the
+            // services' contexts turn into one line per cause (ClientHealth).
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
         if let Some(mechanism) = &self.sasl_mechanism {
             config.set("sasl.mechanism", mechanism);
         }
@@ -175,6 +178,208 @@ pub fn check_topic<C: rdkafka::client::ClientContext>(
     }
 }
 
+/// A broker-connection problem that a setting causes, as an operator should read it: which
+/// setting to check, never a secret's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Diagnosis {
+    /// A short stable name (`tls_certificate`, `sasl_authentication`, ...).
+    pub cause: &'static str,
+    pub message: &'static str,
+}
+
+/// Recognises what librdkafka reports (error callbacks and log lines) when the security
+/// settings do not match the brokers'.
+pub fn diagnose(text: &str) -> Option<Diagnosis> {
+    let t = text.to_ascii_lowercase();
+    let d = |cause, message| Some(Diagnosis { cause, message });
+    if t.contains("certificate verify failed") || t.contains("unable to get local issuer") {
+        return d(
+            "tls_certificate",
+            "the brokers' TLS certificate is not signed by the CA in HOOKPIPE_KAFKA_SSL_CA_LOCATION (or the system store when unset)",
+        );
+    }
+    if t.contains("wrong version number")
+        || t.contains("connecting to a plaintext")
+        || t.contains("connecting to a ssl listener")
+        || t.contains("incorrect security.protocol")
+        || t.contains("packet length")
+    {
+        return d(
+            "security_protocol",
+            "the brokers' listener does not speak HOOKPIPE_KAFKA_SECURITY_PROTOCOL (TLS against a plaintext port, or plaintext against a TLS port)",
+        );
+    }
+    if t.contains("unsupported sasl mechanism")
+        || t.contains("mechanism") && (t.contains("not supported") || t.contains("not enabled"))
+    {
+        return d(
+            "sasl_mechanism",
+            "the brokers do not offer HOOKPIPE_KAFKA_SASL_MECHANISM",
+        );
+    }
+    if t.contains("sasl authentication") || t.contains("authentication failed") {
+        return d(
+            "sasl_authentication",
+            "SASL authentication failed: check HOOKPIPE_KAFKA_SASL_USERNAME, HOOKPIPE_KAFKA_SASL_PASSWORD and HOOKPIPE_KAFKA_SASL_MECHANISM",
+        );
+    }
+    if t.contains("ssl handshake failed") {
+        return d(
+            "tls_handshake",
+            "the TLS handshake with the brokers failed: check HOOKPIPE_KAFKA_SECURITY_PROTOCOL and HOOKPIPE_KAFKA_SSL_CA_LOCATION",
+        );
+    }
+    None
+}
+
+/// For a plaintext client whose brokers do not answer: asks the first bootstrap broker for its
+/// API versions in plaintext. A Kafka listener always answers that; one that closes the
+/// connection or answers with a TLS alert is a TLS listener, which librdkafka itself only
+/// reports as "broker down". Blocking (a few seconds at most); call off the runtime.
+pub fn probe_listener(config: &ClientConfig) -> Option<Diagnosis> {
+    use std::io::{Read, Write};
+    let protocol = config.get("security.protocol").unwrap_or("plaintext");
+    if !protocol.eq_ignore_ascii_case("plaintext")
+        && !protocol.eq_ignore_ascii_case("sasl_plaintext")
+    {
+        return None;
+    }
+    let first = config.get("bootstrap.servers")?.split(',').next()?.trim();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(first)
+        .ok()?
+        .next()?;
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    // ApiVersions v0: length, api key 18, version 0, correlation id 1, null client id.
+    let request: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+    stream.write_all(&request).ok()?;
+    let mut head = [0u8; 8];
+    let tls = match stream.read(&mut head) {
+        // Closed without a word, or a TLS alert record (content type 21, version 3.x).
+        Ok(0) => true,
+        Ok(n) => n >= 2 && head[0] == 0x15 && head[1] == 0x03,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    tls.then_some(Diagnosis {
+        cause: "security_protocol",
+        message: "the brokers' listener does not speak HOOKPIPE_KAFKA_SECURITY_PROTOCOL (TLS against a plaintext port, or plaintext against a TLS port)",
+    })
+}
+
+/// The latest configuration problem a Kafka client reported, shared by its context (which
+/// records it) and the readiness check (which shows it). Each cause is logged once at error
+/// level when it starts, not once per retry.
+#[derive(Clone, Debug, Default)]
+pub struct ClientHealth(
+    std::sync::Arc<std::sync::Mutex<Option<(Diagnosis, std::time::Instant)>>>,
+    /// When each other kind of report (by facility or error kind) was last logged.
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+);
+
+/// Least time between two log lines of one kind that is not a configuration problem (a broker
+/// that is down is reported by librdkafka on every reconnect).
+const REPEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a reported problem counts after its last report.
+const DIAGNOSIS_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ClientHealth {
+    /// Looks at something librdkafka reported; true when it was a configuration problem.
+    pub fn report(&self, text: &str) -> bool {
+        match diagnose(text) {
+            Some(diagnosis) => {
+                self.set(diagnosis, text);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn set(&self, diagnosis: Diagnosis, detail: &str) {
+        let Ok(mut current) = self.0.lock() else {
+            return;
+        };
+        let new = current
+            .as_ref()
+            .is_none_or(|(d, at)| d.cause != diagnosis.cause || at.elapsed() > DIAGNOSIS_TTL);
+        if new {
+            // librdkafka's own text may name the broker and the error, never a secret.
+            tracing::error!(
+                cause = diagnosis.cause,
+                detail,
+                "Kafka: {}",
+                diagnosis.message
+            );
+        }
+        *current = Some((diagnosis, std::time::Instant::now()));
+    }
+
+    /// The problem reported within the last 30 s, if any.
+    pub fn current(&self) -> Option<Diagnosis> {
+        let current = self.0.lock().ok()?;
+        current
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < DIAGNOSIS_TTL)
+            .map(|(d, _)| *d)
+    }
+
+    /// The brokers answer: whatever was reported is over.
+    pub fn clear(&self) {
+        if let Ok(mut current) = self.0.lock() {
+            *current = None;
+        }
+    }
+
+    /// Whether a report of this kind is due for logging (at most one per minute).
+    fn due(&self, kind: &str) -> bool {
+        let Ok(mut last) = self.1.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        match last.get(kind) {
+            Some(at) if now.duration_since(*at) < REPEAT_INTERVAL => false,
+            _ => {
+                last.insert(kind.to_owned(), now);
+                true
+            }
+        }
+    }
+
+    /// Records a problem found another way (a probe), logged like a reported one.
+    pub fn record(&self, diagnosis: Diagnosis) {
+        self.set(diagnosis, "found by probing the first bootstrap broker");
+    }
+
+    /// For a client context's `error` callback.
+    pub fn on_error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        if !self.report(reason) && !self.report(&error.to_string()) {
+            let kind = format!("{:?}", error.rdkafka_error_code());
+            if self.due(&kind) {
+                tracing::warn!(%error, reason, "Kafka client error (repeats are not logged for a minute)");
+            }
+        }
+    }
+
+    /// For a client context's `log` callback: configuration problems once per cause, the rest
+    /// at their own level (librdkafka repeats its lines on every retry).
+    pub fn on_log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, line: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if self.report(line) || !self.due(fac) {
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "rdkafka", fac, "{line}")
+            }
+            L::Warning => tracing::warn!(target: "rdkafka", fac, "{line}"),
+            L::Notice | L::Info => tracing::info!(target: "rdkafka", fac, "{line}"),
+            L::Debug => tracing::debug!(target: "rdkafka", fac, "{line}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +389,57 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         kafka: KafkaArgs,
+    }
+
+    #[test]
+    fn librdkafka_reports_are_told_apart_by_the_setting_to_check() {
+        let cause = |t: &str| diagnose(t).map(|d| d.cause);
+        assert_eq!(
+            cause(
+                "ssl://127.0.0.1:1/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (add broker's CA certificate to the Windows Root certificate store) (after 3ms in state SSL_HANDSHAKE)"
+            ),
+            Some("tls_certificate")
+        );
+        assert_eq!(
+            cause(
+                "sasl_ssl://127.0.0.1:1/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 5ms in state AUTH_REQ)"
+            ),
+            Some("sasl_authentication")
+        );
+        assert_eq!(
+            cause(
+                "127.0.0.1:1/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?) or broker version is < 0.10 (see api.version.request) (after 1ms in state APIVERSION_QUERY)"
+            ),
+            Some("security_protocol")
+        );
+        assert_eq!(
+            cause(
+                "ssl://127.0.0.1:1/bootstrap: SSL handshake failed: error:0A00010B:SSL routines::wrong version number: connecting to a PLAINTEXT broker listener? (after 0ms in state SSL_HANDSHAKE)"
+            ),
+            Some("security_protocol")
+        );
+        assert_eq!(
+            cause(
+                "SASL handshake failed (start (-4)): SASL mechanism SCRAM-SHA-256 not supported by broker"
+            ),
+            Some("sasl_mechanism")
+        );
+        assert_eq!(
+            cause("127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_cause_is_reported_once_and_cleared_when_the_brokers_answer() {
+        let health = ClientHealth::default();
+        assert!(health.current().is_none());
+        assert!(health.report("SASL authentication error: Authentication failed"));
+        assert!(health.report("SASL authentication error: Authentication failed"));
+        assert_eq!(health.current().unwrap().cause, "sasl_authentication");
+        assert!(!health.current().unwrap().message.contains("hunter2"));
+        health.clear();
+        assert!(health.current().is_none());
     }
 
     #[test]

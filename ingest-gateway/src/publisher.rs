@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use hookpipe_common::kafka::ClientHealth;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, ClientContext};
@@ -148,11 +149,13 @@ pub fn producer_config(base: ClientConfig, settings: &ProducerSettings) -> Clien
     config
 }
 
-/// What librdkafka reports outside of deliveries: only "every broker is down" matters here, as
-/// the quickest sign that new messages would only wait in the queue.
+/// What librdkafka reports outside of deliveries: "every broker is down" (the quickest sign
+/// that new messages would only wait in the queue), and configuration problems (TLS, SASL),
+/// recorded once per cause for `/readyz`.
 #[derive(Clone, Default)]
 pub struct GatewayContext {
     brokers_down: Arc<AtomicBool>,
+    pub health: ClientHealth,
 }
 
 impl ClientContext for GatewayContext {
@@ -160,7 +163,11 @@ impl ClientContext for GatewayContext {
         if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
             self.brokers_down.store(true, Ordering::Relaxed);
         }
-        tracing::error!(%error, reason, "Kafka client error");
+        self.health.on_error(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.health.on_log(level, fac, log_message);
     }
 }
 
@@ -400,9 +407,23 @@ impl Publish for KafkaPublisher {
     }
 
     fn check_ready(&self, timeout: Duration) -> Result<(), String> {
-        hookpipe_common::kafka::check_topic(self.current().client(), &self.topic, timeout)?;
+        if let Err(error) =
+            hookpipe_common::kafka::check_topic(self.current().client(), &self.topic, timeout)
+        {
+            // A configuration problem says which setting to check; otherwise the raw error.
+            if self.context.health.current().is_none()
+                && let Some(found) = hookpipe_common::kafka::probe_listener(&self.config)
+            {
+                self.context.health.record(found);
+            }
+            return Err(match self.context.health.current() {
+                Some(diagnosis) => diagnosis.message.to_owned(),
+                None => error,
+            });
+        }
         // The broker answers metadata again: the "all brokers down" report is over.
         self.context.brokers_down.store(false, Ordering::Relaxed);
+        self.context.health.clear();
         match self.stalled() {
             Some(reason) => Err(format!("not queueing new messages: {reason}")),
             None => Ok(()),

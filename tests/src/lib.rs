@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod proxy;
+pub mod secured;
 pub mod soak;
 
 use rdkafka::ClientConfig;
@@ -89,19 +90,33 @@ pub const MAIN_TOPIC_MAX_MESSAGE_BYTES: usize = 1_115_136;
 pub const PARKING_TOPIC_MAX_MESSAGE_BYTES: usize = 1_119_232;
 
 pub async fn create_topic(servers: &Servers, name: &str, partitions: i32) {
-    create_topic_with(servers, name, partitions, None).await
+    create_topic_with(servers, &[], name, partitions, None).await
 }
 
 /// A topic whose `max.message.bytes` is set (as a production topic must be for the body limit).
 pub async fn create_topic_sized(servers: &Servers, name: &str, partitions: i32, max: usize) {
-    create_topic_with(servers, name, partitions, Some(max)).await
+    create_topic_with(servers, &[], name, partitions, Some(max)).await
 }
 
-async fn create_topic_with(servers: &Servers, name: &str, partitions: i32, max: Option<usize>) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &servers.brokers)
-        .create()
-        .unwrap();
+/// A client configuration: bootstrap servers plus librdkafka properties (security).
+pub fn client_config(brokers: &str, props: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in props {
+        config.set(k, v);
+    }
+    config
+}
+
+async fn create_topic_with(
+    servers: &Servers,
+    props: &[(String, String)],
+    name: &str,
+    partitions: i32,
+    max: Option<usize>,
+) {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&servers.brokers, props).create().unwrap();
     let max = max.map(|m| m.to_string());
     let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     if let Some(max) = &max {
@@ -297,6 +312,10 @@ pub struct Wiring {
     pub dlq_topic: String,
     pub parking_topic: String,
     pub group: String,
+    /// Kafka security for a secured broker: librdkafka properties for the harness's own
+    /// clients, and the same as HOOKPIPE_* settings for the services and commands.
+    pub kafka_props: Vec<(String, String)>,
+    pub kafka_env: Vec<(String, String)>,
 }
 
 impl Wiring {
@@ -307,12 +326,28 @@ impl Wiring {
 
     /// The same on other servers (a test's private broker).
     pub async fn on(servers: Servers, catalogue: PathBuf, partitions: i32) -> Self {
+        Self::secured(servers, catalogue, partitions, vec![], vec![]).await
+    }
+
+    /// On a secured broker: `kafka_props` for the harness's clients (librdkafka names),
+    /// `kafka_env` for the services (HOOKPIPE_KAFKA_* names).
+    pub async fn secured(
+        servers: Servers,
+        catalogue: PathBuf,
+        partitions: i32,
+        kafka_props: Vec<(String, String)>,
+        kafka_env: Vec<(String, String)>,
+    ) -> Self {
         let topic = unique("webhooks");
         let dlq_topic = format!("{topic}-dlq");
         let parking_topic = format!("{topic}-parked");
-        create_topic_sized(&servers, &topic, partitions, MAIN_TOPIC_MAX_MESSAGE_BYTES).await;
-        create_topic(&servers, &dlq_topic, 1).await;
-        create_topic_sized(&servers, &parking_topic, 1, PARKING_TOPIC_MAX_MESSAGE_BYTES).await;
+        for (name, n, max) in [
+            (&topic, partitions, Some(MAIN_TOPIC_MAX_MESSAGE_BYTES)),
+            (&dlq_topic, 1, None),
+            (&parking_topic, 1, Some(PARKING_TOPIC_MAX_MESSAGE_BYTES)),
+        ] {
+            create_topic_with(&servers, &kafka_props, name, n, max).await;
+        }
         Self {
             servers,
             catalogue,
@@ -320,7 +355,14 @@ impl Wiring {
             dlq_topic,
             parking_topic,
             group: unique("bq-sink"),
+            kafka_props,
+            kafka_env,
         }
+    }
+
+    /// A client configuration for the harness (bootstrap servers and security).
+    pub fn client_config(&self) -> ClientConfig {
+        client_config(&self.servers.brokers, &self.kafka_props)
     }
 
     fn common_env(&self) -> Vec<(String, String)> {
@@ -336,10 +378,31 @@ impl Wiring {
             ("HOOKPIPE_TOPIC".into(), self.topic.clone()),
             ("HOOKPIPE_CATALOGUE_RELOAD_INTERVAL".into(), "200ms".into()),
         ]
+        .into_iter()
+        .chain(self.kafka_env.iter().cloned())
+        .collect()
     }
 
     pub async fn gateway(&self, extra: &[(&str, &str)]) -> Gateway {
         self.gateway_at(free_port(), free_port(), extra).await
+    }
+
+    /// A gateway, without waiting for it to be ready (for one that must not become ready).
+    pub fn spawn_gateway(&self, extra: &[(&str, &str)]) -> Gateway {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut env = self.common_env();
+        env.push(("HOOKPIPE_LISTEN".into(), format!("127.0.0.1:{port}")));
+        env.push(("HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT".into(), "0".into()));
+        env.push((
+            "HOOKPIPE_ADMIN_LISTEN".into(),
+            format!("127.0.0.1:{admin_port}"),
+        ));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Gateway {
+            proc: Proc::spawn("gateway", "ingest-gateway", &[], &env),
+            url: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        }
     }
 
     /// A gateway on given ports (to start one again where its senders expect it).
@@ -765,10 +828,20 @@ pub async fn read_raw(
     count: usize,
     timeout: Duration,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
+    read_raw_with(client_config(brokers, &[]), topic, count, timeout).await
+}
+
+/// The same with a client configuration of the caller's (a secured broker).
+pub async fn read_raw_with(
+    base: ClientConfig,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     use rdkafka::Message as _;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: StreamConsumer = base
+        .clone()
         .set("group.id", unique("raw-reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -978,15 +1051,16 @@ pub async fn send_hits(
 /// Whether `group` has committed every partition of `topic` up to its end (a partition with no
 /// records counts as done).
 pub async fn group_caught_up(brokers: &str, topic: &str, group: &str) -> bool {
+    group_caught_up_with(client_config(brokers, &[]), topic, group).await
+}
+
+/// The same with a client configuration of the caller's (a secured broker).
+pub async fn group_caught_up_with(base: ClientConfig, topic: &str, group: &str) -> bool {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    let (brokers, topic, group) = (brokers.to_owned(), topic.to_owned(), group.to_owned());
+    let (topic, group) = (topic.to_owned(), group.to_owned());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", &group)
-            .create()
-            .ok()?;
+        let consumer: BaseConsumer = base.clone().set("group.id", &group).create().ok()?;
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
             .ok()?;
@@ -1022,9 +1096,9 @@ impl Wiring {
     /// partition, and its parking drainer to the end of the parking topic. Only then are row
     /// counts final (no record is still on its way to a table).
     pub async fn quiescent(&self) -> bool {
-        group_caught_up(&self.servers.brokers, &self.topic, &self.group).await
-            && group_caught_up(
-                &self.servers.brokers,
+        group_caught_up_with(self.client_config(), &self.topic, &self.group).await
+            && group_caught_up_with(
+                self.client_config(),
                 &self.parking_topic,
                 &format!("{}.parking", self.group),
             )
