@@ -649,6 +649,9 @@ async fn window_totals(
         .collect())
 }
 
+/// A record to put back: key, envelope flagged as replayed, hit_id.
+type PutBack = (Vec<u8>, Vec<u8>, Uuid);
+
 /// Puts missing hits back on the main topic: each record read again from where the scan saw
 /// it, flagged as replayed (the sink looks it up before writing) and sent with its key.
 async fn repair_missing(
@@ -659,7 +662,7 @@ async fn repair_missing(
     let records = {
         let (consumer, topic) = (consumer.clone(), setup.topic.to_owned());
         let missing = missing.to_vec();
-        tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u8>, Vec<u8>, Uuid)>, String> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<PutBack>, String> {
             let mut out = Vec::new();
             for (hit, partition, offset) in missing {
                 let mut list = TopicPartitionList::new();

@@ -116,6 +116,9 @@ async fn webhooks_become_rows_over_sasl_ssl_with_scram_512_and_256() {
     }
 }
 
+/// A misconfiguration: what it is, the settings that make it, the setting `/readyz` must name.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+
 /// Waits for `/readyz` to be 503 with a reason naming `setting`; returns the reason.
 async fn unready_for(admin: &str, setting: &str) -> String {
     let url = format!("{admin}/readyz");
@@ -146,7 +149,7 @@ async fn each_misconfiguration_is_a_clear_reason_not_a_silent_503() {
     let other_ca = broker.other_ca.display().to_string();
     let wrong_password = "not-the-Password-42";
     let (user, _, _) = USERS[0];
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "wrong password",
             vec![
