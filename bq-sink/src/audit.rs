@@ -222,9 +222,16 @@ pub async fn run(setup: &Setup<'_>, args: &AuditArgs) -> Result<Report, String> 
         let slice_end = (slice_start + SLICE_MS).min(until);
         let (hits, records, mode) = {
             let (consumer, topic) = (consumer.clone(), setup.topic.to_owned());
-            let wanted = wanted.clone();
+            let (wanted, catalogue) = (wanted.clone(), setup.catalogue.clone());
             tokio::task::spawn_blocking(move || {
-                scan_slice(&consumer, &topic, slice_start, slice_end, &wanted)
+                scan_slice(
+                    &consumer,
+                    &topic,
+                    slice_start,
+                    slice_end,
+                    &wanted,
+                    &catalogue,
+                )
             })
             .await
             .map_err(|e| e.to_string())??
@@ -453,6 +460,7 @@ fn scan_slice(
     since: i64,
     until: i64,
     wanted: &HashSet<Uuid>,
+    catalogue: &Catalogue,
 ) -> Result<(HashMap<Uuid, Seen>, u64, &'static str), String> {
     let parts = partitions(consumer, topic)?;
     // Offset-for-time look-ups: the first record stamped at or after the slice's start.
@@ -487,37 +495,56 @@ fn scan_slice(
         }
     };
     let mut hits = HashMap::new();
-    let mut cache = crate::row::PlaceCache::default();
-    let empty = Catalogue::default();
     let records = read_range(consumer, topic, &starts, |partition, offset, ts, value| {
         // Past the slice by more than the slack: later records belong to later slices.
         if ts.is_some_and(|ts| ts >= until + TIMESTAMP_SLACK_MS) {
             return false;
         }
-        let value = bytes::Bytes::copy_from_slice(value);
-        let Ok(placed) = crate::row::place(&value, &empty, &mut cache) else {
-            // Not placeable here (no table in an old envelope, undecodable): the dead-letter
-            // topic accounts for it.
+        let Some(seen) = locate(value, catalogue) else {
+            // Not an envelope, or one whose table cannot be known: the dead-letter topic
+            // accounts for it (undecodable).
             return true;
         };
-        let received = placed.row.received_at;
+        let (hit, stream, received, table, date) = seen;
         if received < since || received >= until {
             return true;
         }
-        if !wanted.is_empty() && !wanted.contains(&placed.stream_id) {
+        if !wanted.is_empty() && !wanted.contains(&stream) {
             return true;
         }
         // The first copy of a hit (a keyed retry is the same hit_id) stands for it.
-        hits.entry(placed.row.hit_id).or_insert(Seen {
-            stream: placed.stream_id,
-            table: placed.table,
-            date: placed.row.date,
+        hits.entry(hit).or_insert(Seen {
+            stream,
+            table,
+            date,
             partition,
             offset,
         });
         true
     })?;
     Ok((hits, records, mode))
+}
+
+/// Where an envelope's hit belongs: hit_id, stream, received_at, table and receipt day, from
+/// the envelope's own table and zone (or the catalogue's, for envelopes without them). Unlike
+/// the sink's placing, a payload the sink refuses (not UTF-8) still counts as accepted: the
+/// audit reports it as dead-lettered, not as missing.
+fn locate(value: &[u8], catalogue: &Catalogue) -> Option<(Uuid, Uuid, i64, TableRef, NaiveDate)> {
+    let envelope = Envelope::decode(value).ok()?;
+    let hit = Uuid::try_parse(&envelope.hit_id).ok()?;
+    let stream = Uuid::try_parse(&envelope.stream_id).ok()?;
+    let (table, zone): (TableRef, Zone) =
+        if envelope.table.is_empty() || envelope.timezone.is_empty() {
+            let s = catalogue.get(&stream)?;
+            (s.table.clone(), s.zone)
+        } else {
+            (
+                envelope.table.parse().ok()?,
+                envelope.timezone.parse().ok()?,
+            )
+        };
+    let date = zone.date_of(envelope.received_at_ms)?;
+    Some((hit, stream, envelope.received_at_ms, table, date))
 }
 
 /// Dead letters of hits received in the window: hit_id → reason.

@@ -8,7 +8,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use hookpipe_tests::{Wiring, eventually, query, send_hits, unique, write_catalogue};
+use hookpipe_proto::{Envelope, Message as _};
+use hookpipe_tests::{Wiring, eventually, produce, query, send_hits, unique, write_catalogue};
 
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -39,10 +40,35 @@ async fn the_audit_proves_a_clean_day_and_finds_and_repairs_what_went_wrong() {
     )
     .await;
     let gateway = wiring.gateway(&[]).await;
-    let _sink = wiring.sink(&[]).await;
+    let mut sink = wiring.sink(&[]).await;
     let since = now_ms() - 1_000;
-    let acked = send_hits(&gateway.url, &stream, 300, 4, Duration::ZERO).await;
+    // Traffic with a sink killed in the middle (SIGKILL: nothing flushed or committed), then
+    // a new one: the audit must still see every hit once.
+    let mut acked = send_hits(&gateway.url, &stream, 150, 4, Duration::ZERO).await;
+    sink.proc.kill9();
+    acked.extend(send_hits(&gateway.url, &stream, 150, 4, Duration::ZERO).await);
+    let _sink = wiring.sink(&[]).await;
     let other_acked = send_hits(&gateway.url, &other, 20, 2, Duration::ZERO).await;
+    // A hit the sink cannot write (its payload is not UTF-8; the gateway would have refused
+    // it, so it is put on the topic directly): dead-lettered, and reported so, not missing.
+    let poison_hit = uuid::Uuid::new_v4().to_string();
+    let poison = Envelope {
+        hit_id: poison_hit.clone(),
+        received_at_ms: now_ms(),
+        stream_id: other.clone(),
+        payload: vec![0xff, 0xfe, 0x41].into(),
+        method: "POST".into(),
+        table: other_table.clone(),
+        timezone: "UTC".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    produce(
+        &wiring.servers.brokers,
+        &wiring.topic,
+        &[(poison_hit.clone().into_bytes(), poison)],
+    )
+    .await;
     wiring
         .assert_exactly_once(&table, &acked, Duration::from_secs(90))
         .await;
@@ -80,7 +106,14 @@ async fn the_audit_proves_a_clean_day_and_finds_and_repairs_what_went_wrong() {
             })
     };
     assert_eq!(line(days, &stream), (300, 300, 0, 0, 0), "{text}");
-    assert_eq!(line(days, &other), (20, 20, 0, 0, 0), "{text}");
+    // 21 accepted: 20 rows and the poison hit, dead-lettered with its reason.
+    assert_eq!(line(days, &other), (21, 20, 0, 0, 0), "{text}");
+    let dead: u64 = days
+        .iter()
+        .filter(|d| d["stream"] == other.as_str())
+        .filter_map(|d| d["dead_lettered"]["invalid_payload"].as_u64())
+        .sum();
+    assert_eq!(dead, 1, "{text}");
 
     // Break it: delete one hit's row, double another's, add a row nobody sent.
     let mut ids: Vec<&String> = acked.iter().collect();
@@ -103,7 +136,7 @@ async fn the_audit_proves_a_clean_day_and_finds_and_repairs_what_went_wrong() {
     assert_eq!(json["ok"], false);
     let days = json["days"].as_array().unwrap();
     assert_eq!(line(days, &stream), (300, 300, 1, 1, 1), "{text}");
-    assert_eq!(line(days, &other), (20, 20, 0, 0, 0), "{text}");
+    assert_eq!(line(days, &other), (21, 20, 0, 0, 0), "{text}");
     assert_eq!(json["missing_hit_ids"], serde_json::json!([lost]));
     assert_eq!(json["duplicated_hit_ids"], serde_json::json!([doubled]));
 
