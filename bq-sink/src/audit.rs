@@ -362,7 +362,32 @@ fn instant(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-fn audit_consumer(setup: &Setup<'_>) -> Result<BaseConsumer, String> {
+/// The audit's consumer callbacks: the end of a partition (which the audit asks to be told) is
+/// not an error worth a log line; configuration problems are reported once, as by the services.
+#[derive(Default)]
+pub struct AuditContext {
+    health: hookpipe_common::kafka::ClientHealth,
+}
+
+impl rdkafka::ClientContext for AuditContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+            && error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        {
+            self.health.on_error(&error, reason);
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.health.on_log(level, fac, log_message);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for AuditContext {}
+
+type AuditConsumer = BaseConsumer<AuditContext>;
+
+fn audit_consumer(setup: &Setup<'_>) -> Result<AuditConsumer, String> {
     let mut config = setup.kafka.clone();
     config
         // Never committed: the audit reads, it does not move anyone's cursor.
@@ -371,13 +396,15 @@ fn audit_consumer(setup: &Setup<'_>) -> Result<BaseConsumer, String> {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
-    config.create().map_err(|e| format!("Kafka consumer: {e}"))
+    config
+        .create_with_context(AuditContext::default())
+        .map_err(|e| format!("Kafka consumer: {e}"))
 }
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every partition of a topic with its low and high watermarks.
-fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>, String> {
+fn partitions(consumer: &AuditConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>, String> {
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| format!("metadata of {topic}: {e}"))?;
@@ -400,7 +427,7 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64
 /// Reads `topic` from the given offsets to its high watermarks, handing each record to `each`
 /// (which returns `false` to stop reading that partition).
 fn read_range(
-    consumer: &BaseConsumer,
+    consumer: &AuditConsumer,
     topic: &str,
     starts: &[(i32, i64, i64)],
     mut each: impl FnMut(i32, i64, Option<i64>, &[u8]) -> bool,
@@ -455,7 +482,7 @@ fn read_range(
 
 /// One slice of the main topic: the hits received in `[since, until)`, each with where it is.
 fn scan_slice(
-    consumer: &BaseConsumer,
+    consumer: &AuditConsumer,
     topic: &str,
     since: i64,
     until: i64,
@@ -549,7 +576,7 @@ fn locate(value: &[u8], catalogue: &Catalogue) -> Option<(Uuid, Uuid, i64, Table
 
 /// Dead letters of hits received in the window: hit_id → reason.
 fn read_dead_letters(
-    consumer: &BaseConsumer,
+    consumer: &AuditConsumer,
     topic: &str,
     since: i64,
     until: i64,
@@ -571,7 +598,7 @@ fn read_dead_letters(
 
 /// Hits received in the window that were parked (their table kept failing).
 fn read_parked(
-    consumer: &BaseConsumer,
+    consumer: &AuditConsumer,
     topic: &str,
     since: i64,
     until: i64,
@@ -683,7 +710,7 @@ type PutBack = (Vec<u8>, Vec<u8>, Uuid);
 /// it, flagged as replayed (the sink looks it up before writing) and sent with its key.
 async fn repair_missing(
     setup: &Setup<'_>,
-    consumer: &Arc<BaseConsumer>,
+    consumer: &Arc<AuditConsumer>,
     missing: &[(Uuid, i32, i64)],
 ) -> Result<Vec<Uuid>, String> {
     let records = {
