@@ -191,11 +191,10 @@ async fn handle<P: Publish>(
         )
             .into_response(),
         Err(error) => {
-            if error.status().is_server_error() {
-                tracing::warn!(stream = label, %error, "webhook not accepted");
-            } else {
-                tracing::debug!(stream = label, %error, "webhook refused");
-            }
+            // Not per request at warn level: during an outage every request is a 503, and the
+            // cause is logged where it is known (a failed publish, the readiness loop's state
+            // change); metrics count each answer.
+            tracing::debug!(stream = label, %error, "webhook not accepted");
             error.into_response()
         }
     };

@@ -389,9 +389,13 @@ impl Wiring {
 
     /// A gateway, without waiting for it to be ready (for one that must not become ready).
     pub fn spawn_gateway(&self, extra: &[(&str, &str)]) -> Gateway {
-        let (port, admin_port) = (free_port(), free_port());
+        self.spawn_gateway_at(free_port(), free_port(), extra)
+    }
+
+    fn spawn_gateway_at(&self, port: u16, admin_port: u16, extra: &[(&str, &str)]) -> Gateway {
         let mut env = self.common_env();
         env.push(("HOOKPIPE_LISTEN".into(), format!("127.0.0.1:{port}")));
+        // Only for tansu (see HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT); a test may override it.
         env.push(("HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT".into(), "0".into()));
         env.push((
             "HOOKPIPE_ADMIN_LISTEN".into(),
@@ -407,20 +411,7 @@ impl Wiring {
 
     /// A gateway on given ports (to start one again where its senders expect it).
     pub async fn gateway_at(&self, port: u16, admin_port: u16, extra: &[(&str, &str)]) -> Gateway {
-        let mut env = self.common_env();
-        env.push(("HOOKPIPE_LISTEN".into(), format!("127.0.0.1:{port}")));
-        // Only for tansu (see HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT); a test may override it.
-        env.push(("HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT".into(), "0".into()));
-        env.push((
-            "HOOKPIPE_ADMIN_LISTEN".into(),
-            format!("127.0.0.1:{admin_port}"),
-        ));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let gateway = Gateway {
-            proc: Proc::spawn("gateway", "ingest-gateway", &[], &env),
-            url: format!("http://127.0.0.1:{port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-        };
+        let gateway = self.spawn_gateway_at(port, admin_port, extra);
         wait_ready(&gateway.admin, "gateway").await;
         gateway
     }

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hookpipe_tests::{
-    PrivateBroker, Proc, Servers, Wiring, counts, create_topic_sized, eventually, free_port,
-    metric, query, unique, write_catalogue,
+    PrivateBroker, Servers, Wiring, counts, create_topic_sized, eventually, metric, query, unique,
+    write_catalogue,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -95,46 +95,21 @@ async fn the_largest_accepted_body_lands_and_anything_larger_is_413_never_503() 
     );
 }
 
-/// The env a gateway needs without the test harness's readiness wait (for one that must not
-/// start).
-fn gateway_env(servers: &Servers, topic: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let catalogue = hookpipe_tests::repo_root().join("examples/streams.yaml");
-    let mut env = vec![
-        ("HOOKPIPE_CATALOGUE".into(), catalogue.display().to_string()),
-        ("HOOKPIPE_KAFKA_BROKERS".into(), servers.brokers.clone()),
-        ("HOOKPIPE_TOPIC".into(), topic.to_owned()),
-        (
-            "HOOKPIPE_LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ),
-        (
-            "HOOKPIPE_ADMIN_LISTEN".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ),
-        ("HOOKPIPE_PRODUCER_MESSAGE_TIMEOUT".into(), "0".into()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    env
-}
-
 #[tokio::test]
 async fn a_topic_too_small_for_the_body_limit_stops_the_start_naming_the_settings() {
-    let servers = Servers::from_env();
-    let topic = unique("small-topic");
+    let mut wiring =
+        Wiring::new(hookpipe_tests::repo_root().join("examples/streams.yaml"), 1).await;
     // Kafka's default max.message.bytes: too small for a 1 MiB body in its envelope.
-    create_topic_sized(&servers, &topic, 1, 1_048_588).await;
-    let mut gateway = Proc::spawn(
-        "gateway-small-topic",
-        "ingest-gateway",
-        &[],
-        &gateway_env(&servers, &topic, &[]),
-    );
+    wiring.topic = unique("small-topic");
+    create_topic_sized(&wiring.servers, &wiring.topic, 1, 1_048_588).await;
+    let mut gateway = wiring.spawn_gateway(&[]);
     let status = gateway
+        .proc
         .wait_exit(Duration::from_secs(30))
         .await
         .expect("the gateway must refuse to start");
     assert!(!status.success());
-    let log = gateway.log_text();
+    let log = gateway.proc.log_text();
     assert!(
         log.contains("max.message.bytes") && log.contains("HOOKPIPE_MAX_BODY_BYTES"),
         "the message must name both settings: {log}"
@@ -146,18 +121,9 @@ async fn a_topic_too_small_for_the_body_limit_stops_the_start_naming_the_setting
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .expect("advice with a number")
         .to_owned();
-    let env = gateway_env(
-        &servers,
-        &topic,
-        &[("HOOKPIPE_MAX_BODY_BYTES", advised.as_str())],
-    );
-    let admin = env
-        .iter()
-        .find(|(k, _)| k == "HOOKPIPE_ADMIN_LISTEN")
-        .map(|(_, v)| format!("http://{v}"))
-        .unwrap();
-    let _gateway = Proc::spawn("gateway-advised", "ingest-gateway", &[], &env);
-    hookpipe_tests::wait_ready(&admin, "gateway with the advised limit").await;
+    let _gateway = wiring
+        .gateway(&[("HOOKPIPE_MAX_BODY_BYTES", advised.as_str())])
+        .await;
 }
 
 #[tokio::test]
