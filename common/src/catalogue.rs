@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -448,31 +448,24 @@ fn validate_auth(raw: RawAuth) -> Result<AuthSpec, (&'static str, String)> {
 /// version.
 #[derive(Debug, Default)]
 pub struct Shared<T> {
-    current: RwLock<Arc<T>>,
+    current: arc_swap::ArcSwap<T>,
 }
 
 impl<T> Shared<T> {
     pub fn new(value: T) -> Self {
         Self {
-            current: RwLock::new(Arc::new(value)),
+            current: arc_swap::ArcSwap::from_pointee(value),
         }
     }
 
-    /// The version now in force. Cheap: one read lock and one `Arc` clone, never held across
-    /// I/O.
+    /// The version now in force. Cheap and lock-free (every request calls it): one atomic
+    /// load and one `Arc` clone; a reload never makes a request wait.
     pub fn current(&self) -> Arc<T> {
-        match self.current.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        self.current.load_full()
     }
 
     pub fn replace(&self, value: T) {
-        let mut guard = match self.current.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *guard = Arc::new(value);
+        self.current.store(Arc::new(value));
     }
 }
 

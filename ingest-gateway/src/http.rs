@@ -9,17 +9,16 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
 use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hookpipe_common::Catalogue;
 use hookpipe_common::catalogue::{RateLimit, Shared};
-use hookpipe_proto::Message;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use prometheus::IntCounter;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -42,6 +41,9 @@ pub struct GatewayStreams {
     pub placements: HashMap<Uuid, Placement>,
     /// Each rate-limited stream's token bucket, with the limit it was made for.
     pub limiters: HashMap<Uuid, (RateLimit, Arc<DefaultDirectRateLimiter>)>,
+    /// Each stream's `requests_total{status="202"}` counter, resolved once per catalogue
+    /// version (see [`GatewayStreams::counted_by`]) instead of looked up by label per request.
+    pub accepted: HashMap<Uuid, IntCounter>,
 }
 
 /// Where a stream's hits go, as written into every envelope.
@@ -99,7 +101,18 @@ impl GatewayStreams {
             verifiers,
             placements,
             limiters,
+            accepted: HashMap::new(),
         })
+    }
+
+    /// The same streams, with their metric handles resolved in `metrics`.
+    pub fn counted_by(mut self, metrics: &Metrics) -> Self {
+        self.accepted = self
+            .catalogue
+            .streams()
+            .map(|s| (s.id, metrics.accepted_counter(&s.id)))
+            .collect();
+        self
     }
 }
 
@@ -138,11 +151,33 @@ pub struct AppState<P> {
     pub idempotency_header: HeaderName,
 }
 
+/// Every path goes to [`handle`], which takes `/ds/{stream_id}` apart itself: with one route,
+/// axum's router would only add a path match, a `MatchedPath` and a `String` per request.
 pub fn app<P: Publish>(state: Arc<AppState<P>>) -> Router {
-    Router::new()
-        .route("/ds/{stream_id}", any(handle::<P>))
-        .fallback(|| async { ApiError::NotFound })
-        .with_state(state)
+    Router::new().fallback(handle::<P>).with_state(state)
+}
+
+/// The stream id segment of a webhook path, `/ds/{stream_id}`, taken as it is (a stream id is a
+/// UUID: nothing in it is percent-encoded).
+fn stream_segment(path: &str) -> Option<&str> {
+    path.strip_prefix("/ds/")
+}
+
+/// `202 {"hit_id": "…"}`, written without a JSON value tree.
+fn accepted_response(hit_id: &Uuid) -> Response {
+    let mut text = Uuid::encode_buffer();
+    let id = hit_id.hyphenated().encode_lower(&mut text);
+    let mut body = Vec::with_capacity(16 + id.len());
+    body.extend_from_slice(br#"{"hit_id":""#);
+    body.extend_from_slice(id.as_bytes());
+    body.extend_from_slice(br#""}"#);
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::ACCEPTED;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Decrements the in-flight gauge however the request ends (including a client disconnect that
@@ -155,41 +190,46 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn handle<P: Publish>(
-    State(state): State<Arc<AppState<P>>>,
-    Path(raw_id): Path<String>,
-    request: Request,
-) -> Response {
+async fn handle<P: Publish>(State(state): State<Arc<AppState<P>>>, request: Request) -> Response {
+    let Some(raw_id) = stream_segment(request.uri().path()) else {
+        return ApiError::NotFound.into_response();
+    };
     let started = Instant::now();
     let received_at_ms = hookpipe_common::now_ms();
     let mut label_buf = Uuid::encode_buffer();
     let mut label = UNKNOWN_STREAM;
-    let result = match state.slots.clone().try_acquire_owned() {
-        Ok(_permit) => {
+    let streams = state.streams.current();
+    let stream_id = Uuid::try_parse(raw_id)
+        .ok()
+        .filter(|id| streams.catalogue.get(id).is_some());
+    let result = match (stream_id, state.slots.try_acquire()) {
+        (Some(id), Ok(_permit)) => {
             state.metrics.in_flight.inc();
             let _guard = InFlight(&state.metrics);
-            let streams = state.streams.current();
-            let stream_id = Uuid::try_parse(&raw_id)
-                .ok()
-                .filter(|id| streams.catalogue.get(id).is_some());
-            if let Some(id) = stream_id {
-                label = id.hyphenated().encode_lower(&mut label_buf);
-            }
-            match stream_id {
-                Some(id) => accept(&state, &streams, id, label, received_at_ms, request).await,
-                None => Err(ApiError::UnknownStream),
-            }
+            label = id.hyphenated().encode_lower(&mut label_buf);
+            accept(&state, &streams, id, label, received_at_ms, request).await
         }
-        Err(_) => Err(ApiError::Unavailable(
-            "too many requests in flight, retry later",
-        )),
+        (None, _) => Err(ApiError::UnknownStream),
+        (Some(id), Err(_)) => {
+            label = id.hyphenated().encode_lower(&mut label_buf);
+            Err(ApiError::Unavailable(
+                "too many requests in flight, retry later",
+            ))
+        }
     };
     let response = match result {
-        Ok(hit_id) => (
-            StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({ "hit_id": hit_id })),
-        )
-            .into_response(),
+        Ok(hit_id) => {
+            let response = accepted_response(&hit_id);
+            // The common case, with the handles resolved for this catalogue version.
+            if let Some(counter) = stream_id.and_then(|id| streams.accepted.get(&id)) {
+                counter.inc();
+                state
+                    .metrics
+                    .request_seconds(StatusCode::ACCEPTED, started.elapsed().as_secs_f64());
+                return response;
+            }
+            response
+        }
         Err(error) => {
             // Not per request at warn level: during an outage every request is a 503, and the
             // cause is logged where it is known (a failed publish, the readiness loop's state
@@ -211,7 +251,7 @@ async fn accept<P: Publish>(
     label: &str,
     received_at_ms: i64,
     request: Request,
-) -> Result<String> {
+) -> Result<Uuid> {
     // Before the body is read: a sender over its stream's limit costs the gateway nothing more.
     rate_check(streams, &stream_id).map_err(ApiError::RateLimited)?;
     let (parts, body) = request.into_parts();
@@ -246,11 +286,10 @@ async fn accept<P: Publish>(
     let remote_addr = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.to_string())
-        .unwrap_or_default();
+        .map(|ConnectInfo(addr)| *addr);
     let payload_len = payload.len();
     let placement = streams.placements.get(&stream_id);
-    let envelope = envelope::build(Received {
+    let (hit_id, value) = envelope::encode(&Received {
         table: placement.map_or("", |p| p.table.as_str()),
         timezone: placement.map_or("", |p| p.timezone.as_str()),
         stream_id,
@@ -263,11 +302,12 @@ async fn accept<P: Publish>(
         remote_addr,
         user_agent: header_str(&header::USER_AGENT).unwrap_or(""),
     });
-    let value = envelope.encode_to_vec();
+    let mut key = Uuid::encode_buffer();
+    let key = hit_id.hyphenated().encode_lower(&mut key);
     let publish_started = Instant::now();
     state
         .publisher
-        .publish(envelope.hit_id.as_bytes(), &value)
+        .publish(key.as_bytes(), &value)
         .await
         .map_err(|error| {
             state.metrics.publish_error(error.kind());
@@ -284,7 +324,7 @@ async fn accept<P: Publish>(
     state
         .metrics
         .published(publish_started.elapsed().as_secs_f64(), payload_len);
-    Ok(envelope.hit_id)
+    Ok(hit_id)
 }
 
 /// Reads the body, refusing more than the limit while reading (a missing or lying

@@ -51,11 +51,14 @@ fn state(recorder: Arc<Recorder>, slots: usize) -> Arc<AppState<Recorder>> {
         "streams:\n  - id: {STREAM}\n    table: p.d.t\n    timezone: \"+03:00\"\n  - id: {BEARER_STREAM}\n    table: p.d.t2\n    timezone: UTC\n    auth:\n      type: bearer\n      secrets: [{{file: {}}}]\n",
         secret_file().display()
     );
-    let streams = GatewayStreams::build(Catalogue::from_yaml(&yaml).unwrap()).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let streams = GatewayStreams::build(Catalogue::from_yaml(&yaml).unwrap())
+        .unwrap()
+        .counted_by(&metrics);
     Arc::new(AppState {
         streams: Arc::new(Shared::new(streams)),
         publisher: recorder,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         limits: Limits {
             max_body_bytes: 1024,
             body_timeout: Duration::from_secs(2),

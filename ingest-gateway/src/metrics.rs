@@ -2,12 +2,17 @@
 //! `stream` label is a catalogue stream id or `unknown`, never a raw path.
 
 use hookpipe_common::admin::register;
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use uuid::Uuid;
 
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
-    request_duration: HistogramVec,
+    /// `request_duration_seconds` for each outcome, resolved once: accepted, rejected,
+    /// unavailable.
+    request_duration: [Histogram; 3],
     publish_duration: Histogram,
     payload_size: Histogram,
     pub in_flight: IntGauge,
@@ -135,6 +140,8 @@ impl Metrics {
         for kind in crate::publisher::PublishError::KINDS {
             publish_errors.with_label_values(&[kind]);
         }
+        let request_duration = ["accepted", "rejected", "unavailable"]
+            .map(|o| request_duration.with_label_values(&[o]));
         Self {
             registry,
             requests,
@@ -151,17 +158,29 @@ impl Metrics {
     }
 
     pub fn request(&self, stream: &str, status: axum::http::StatusCode, seconds: f64) {
-        let outcome = match status.as_u16() {
-            200..=299 => "accepted",
-            503 => "unavailable",
-            _ => "rejected",
-        };
         self.requests
             .with_label_values(&[stream, status.as_str()])
             .inc();
-        self.request_duration
-            .with_label_values(&[outcome])
-            .observe(seconds);
+        self.request_seconds(status, seconds);
+    }
+
+    /// Only the duration of a request (its count is kept by a handle from
+    /// [`Metrics::accepted_counter`]).
+    pub fn request_seconds(&self, status: axum::http::StatusCode, seconds: f64) {
+        let outcome = match status.as_u16() {
+            200..=299 => 0,
+            503 => 2,
+            _ => 1,
+        };
+        self.request_duration[outcome].observe(seconds);
+    }
+
+    /// The `requests_total{stream, status="202"}` counter of a stream, to keep with the
+    /// catalogue version rather than look up per request.
+    pub fn accepted_counter(&self, stream: &Uuid) -> IntCounter {
+        let mut text = Uuid::encode_buffer();
+        let stream = stream.hyphenated().encode_lower(&mut text);
+        self.requests.with_label_values(&[stream, "202"])
     }
 
     pub fn published(&self, seconds: f64, payload_bytes: usize) {

@@ -454,11 +454,17 @@ mod tests {
             Err(PublishError::TooLarge)
         );
         assert_eq!(publisher.queue_len(), 0, "nothing was queued");
-        // Exactly at the limit it is handed to the producer (which then waits for a broker).
+        // Exactly at the limit it passes the size check: it is handed to the producer (which
+        // then waits for a broker), or refused as stalled if librdkafka has already reported
+        // every broker down (a race with the refused connection to port 9).
         let value = vec![b'x'; limit - key.len()];
-        assert_eq!(
-            publisher.publish(&key, &value).await,
-            Err(PublishError::Timeout)
+        let outcome = publisher.publish(&key, &value).await;
+        assert!(
+            matches!(
+                outcome,
+                Err(PublishError::Timeout) | Err(PublishError::Stalled)
+            ),
+            "{outcome:?}"
         );
     }
 

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hookpipe_bench::{cpu_time, payload, percentile};
-use hookpipe_proto::Message;
-use ingest_gateway::envelope::{Received, build};
+use ingest_gateway::envelope::{Received, encode};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -85,7 +84,8 @@ async fn main() {
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_millis() as i64;
-                let envelope = build(Received {
+                // Encoded as the gateway encodes it.
+                let (hit_id, value) = encode(&Received {
                     stream_id: stream,
                     received_at_ms: now_ms,
                     payload: bytes::Bytes::from(payload(i)),
@@ -93,18 +93,17 @@ async fn main() {
                     content_type: "application/x-www-form-urlencoded",
                     query: "",
                     idempotency_key: None,
-                    remote_addr: "127.0.0.1:50000".into(),
+                    remote_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 50000))),
                     user_agent: "bench",
                     // Like an envelope from a gateway before these fields existed: the sink
                     // places it with its catalogue.
                     table: "",
                     timezone: "",
                 });
-                let value = envelope.encode_to_vec();
+                let mut key = uuid::Uuid::encode_buffer();
+                let key = hit_id.hyphenated().encode_lower(&mut key);
                 let sent = Instant::now();
-                let record = FutureRecord::to(&topic)
-                    .key(envelope.hit_id.as_bytes())
-                    .payload(&value);
+                let record = FutureRecord::to(&topic).key(key.as_bytes()).payload(&value);
                 if producer
                     .send(record, Duration::from_secs(30))
                     .await
