@@ -35,11 +35,6 @@ use hookpipe_common::catalogue::{Shared, watch_catalogue};
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc rather than glibc's malloc: per-request allocations are cheaper, and memory freed
-/// by one thread is not stranded in another thread's arena (measured in docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status of a crash-only exit (the orchestrator restarts the process).
 const EXIT_RESTART: u8 = 3;
 

@@ -16,11 +16,6 @@ use ingest_gateway::publisher::{KafkaPublisher, ProducerSettings, Publish, produ
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc rather than glibc's malloc: per-request allocations are cheaper, and memory freed
-/// by one thread is not stranded in another thread's arena (measured in docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
