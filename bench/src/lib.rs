@@ -1,4 +1,4 @@
-//! Shared pieces of the benchmark drivers in `src/bin` (see `bench/README.md`): the example
+//! Shared pieces of the benchmark drivers in `src/bin` (see `docs/benchmarks.md`): the example
 //! payload, latency percentiles, and this process's CPU time.
 
 use std::time::Duration;
