@@ -74,13 +74,52 @@ impl AddrText {
             buf: [0; 64],
             len: 0,
         };
-        if let Some(addr) = addr {
-            let mut cursor = std::io::Cursor::new(&mut text.buf[..]);
-            if write!(cursor, "{addr}").is_ok() {
-                text.len = usize::try_from(cursor.position()).unwrap_or(0);
+        match addr {
+            // The common case by hand: `fmt` costs ~900 instructions per request here
+            // (callgrind, docs/benchmarks.md), this a tenth of that.
+            Some(SocketAddr::V4(v4)) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    text.push_decimal(u16::from(octet));
+                }
+                text.push(b':');
+                text.push_decimal(v4.port());
             }
+            Some(addr) => {
+                let mut cursor = std::io::Cursor::new(&mut text.buf[..]);
+                if write!(cursor, "{addr}").is_ok() {
+                    text.len = usize::try_from(cursor.position()).unwrap_or(0);
+                }
+            }
+            None => {}
         }
         text
+    }
+
+    /// At most 21 bytes are pushed for an IPv4 address and port; the buffer holds 64.
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = byte;
+            self.len += 1;
+        }
+    }
+
+    fn push_decimal(&mut self, mut value: u16) {
+        let mut digits = [0u8; 5];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        for &digit in &digits[start..] {
+            self.push(digit);
+        }
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -244,6 +283,9 @@ mod tests {
         let v6: SocketAddr = "[fe80::1:2:3:4%4294967295]:65535".parse().unwrap();
         let cases = [
             received(None, Some("10.0.0.7:51234".parse().unwrap()), ""),
+            received(None, Some("255.255.255.255:65535".parse().unwrap()), ""),
+            received(None, Some("0.0.0.0:0".parse().unwrap()), ""),
+            received(None, Some("[::1]:8".parse().unwrap()), ""),
             received(Some("order-N1-delivered"), Some(v6), "a=1&b=%20"),
             // An empty key is still a key (field 8 is `optional`), and no peer address.
             received(Some(""), None, "x"),
