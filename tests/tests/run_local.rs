@@ -164,9 +164,12 @@ async fn ctrl_c_stops_in_order_and_the_next_start_writes_the_example_within_5_s(
             "the sink had to be restarted (start {start})"
         );
         // It committed to the end before the broker stopped: start the broker alone to look.
+        // The trap and the wait belong to the shell the test signals (`a && b & wait` would
+        // put the whole list, trap included, in a background subshell, and leave the broker
+        // running after the test).
         if start == 3 {
             let script = format!(
-                "source scripts/lib.sh && start_broker '{}/broker' {} && trap 'stop_started; exit 0' TERM && sleep 60 & wait $!",
+                "source scripts/lib.sh && start_broker '{}/broker' {} && trap 'stop_started; exit 0' TERM && {{ sleep 60 & wait $!; }}",
                 state.display(),
                 port(9092)
             );
@@ -195,6 +198,21 @@ async fn ctrl_c_stops_in_order_and_the_next_start_writes_the_example_within_5_s(
                 .args(["-c", &format!("kill -s TERM -- {}", broker.id())])
                 .status();
             let _ = broker.wait();
+            // And the broker itself, by the pid start_broker wrote: the shell's trap did not
+            // always stop it (an orphaned broker on this port outlived the test).
+            if let Ok(pid) = std::fs::read_to_string(state.join("broker/broker.pid")) {
+                let pid = pid.trim();
+                let stopped = Command::new("bash")
+                    .args([
+                        "-c",
+                        &format!(
+                            "kill -s TERM {pid} 2>/dev/null || exit 0; for i in $(seq 300); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.1; done; kill -s KILL {pid}"
+                        ),
+                    ])
+                    .status()
+                    .unwrap();
+                assert!(stopped.success(), "the broker {pid} did not stop");
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&state);
