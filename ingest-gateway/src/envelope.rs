@@ -14,7 +14,6 @@ use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, k
 use uuid::Uuid;
 
 /// What the handler learned about one request.
-#[derive(Clone)]
 pub struct Received<'a> {
     pub stream_id: Uuid,
     pub received_at_ms: i64,
