@@ -1,31 +1,54 @@
-# syntax=docker/dockerfile:1.7
 # Both binaries (ingest-gateway and bq-sink) in one small image; Kubernetes picks one with
-# `command:` (k8s/base). Build: docker build -t hookpipe:dev .
+# `command:` (k8s/base). Build with either engine, unchanged:
 #
-# Build stage: the Rust toolchain the workspace is tested with, plus OpenSSL headers for
-# librdkafka's TLS/SASL (librdkafka itself is built from source by rdkafka-sys; protoc comes
-# from the protoc-bin-vendored crate).
-FROM rust:1.95-bookworm AS build
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libssl-dev \
-    && rm -rf /var/lib/apt/lists/*
+#   docker build -t hookpipe:dev .
+#   podman build -t hookpipe:dev .
+#
+# The base images are build arguments so that a build without a registry can substitute images
+# it made itself (scripts/check-image makes both from Debian packages and builds this file with
+# podman in CI). Nothing here needs BuildKit: plain layers, so every builder caches the same way.
+#
+# BUILD_IMAGE needs a Rust toolchain (>= the workspace's rust-version), a C compiler and make
+# (librdkafka and zlib are compiled from source by rdkafka-sys), pkg-config, OpenSSL headers
+# and CA certificates; the official rust:*-bookworm images have all of it. RUNTIME_IMAGE needs
+# glibc, libgcc_s, libssl3 and CA certificates, and nothing else: no shell, no package manager.
+ARG BUILD_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
-COPY . .
-# Cache mounts keep the registry and target dir between builds (BuildKit).
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin ingest-gateway --bin bq-sink \
+# Dependency layer: the manifests, the lock file and the protobuf crate (it rarely changes)
+# with empty stand-ins for the other crates' sources, built once. A change to our own code
+# reuses this layer and compiles only the workspace crates.
+COPY Cargo.toml Cargo.lock ./
+COPY proto proto
+COPY common/Cargo.toml common/
+COPY ingest-gateway/Cargo.toml ingest-gateway/
+COPY bq-sink/Cargo.toml bq-sink/
+COPY tests/Cargo.toml tests/
+COPY bench/Cargo.toml bench/
+RUN for crate in common ingest-gateway bq-sink tests bench; do \
+        mkdir -p "$crate/src" && : > "$crate/src/lib.rs"; \
+    done \
+    && echo 'fn main() {}' > ingest-gateway/src/main.rs \
+    && echo 'fn main() {}' > bq-sink/src/main.rs \
+    && cargo build --release --locked -p ingest-gateway -p bq-sink \
+    && rm -rf common/src ingest-gateway/src bq-sink/src
+# The real sources. COPY keeps the files' own modification times, which are older than the
+# stand-ins' build: touched so that cargo compiles them instead of keeping the stand-ins.
+COPY common common
+COPY ingest-gateway ingest-gateway
+COPY bq-sink bq-sink
+RUN find common ingest-gateway bq-sink -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked --bin ingest-gateway --bin bq-sink \
     && mkdir -p /out \
     && cp target/release/ingest-gateway target/release/bq-sink /out/
 
-# Runtime stage: Debian slim with only what the binaries link (libssl3, zlib; ldd-checked) and
-# CA certificates for TLS to Kafka and Google; `sleep` (coreutils) serves the preStop hook.
-FROM debian:bookworm-slim
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --gid 65532 hookpipe \
-    && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin hookpipe
+# Runtime: the binaries and what they link (glibc, libgcc_s, libssl3; zlib is linked
+# statically), CA certificates for TLS to Kafka and Google. Runs as uid 65532 (the distroless
+# `nonroot` user) with a read-only root filesystem in k8s/; needs no shell: the preStop delay
+# is Kubernetes' own `sleep` action, the probes are HTTP.
+FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/ingest-gateway /out/bq-sink /usr/local/bin/
 USER 65532:65532
 # Listen on all interfaces inside the container (the binaries default to 127.0.0.1).

@@ -130,6 +130,27 @@ ensure_snippet_runtimes() {
   venv_with "$SNIPPETS_VENV" requests==2.32.3
 }
 
+# ensure_provider_libs: the providers' own webhook-signing libraries from npm (Stripe, GitHub's
+# Octokit, Standard Webhooks, Svix; pinned in tests/providers/package-lock.json), which
+# tests/tests/providers.rs signs with. Installed into the cache, in a folder named after the
+# lock file's digest, with tests/providers/sign.mjs copied beside them (ES modules find their
+# packages next to the script). Sets PROVIDER_SIGNER to that copy.
+ensure_provider_libs() {
+  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  local digest dir
+  digest=$(cat tests/providers/package.json tests/providers/package-lock.json | sha256sum | cut -c1-12)
+  dir="$HOOKPIPE_CACHE/provider-libs-$digest"
+  if [ ! -e "$dir/.hookpipe-ready" ]; then
+    log "installing the providers' signing libraries (npm) into $dir"
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp tests/providers/package.json tests/providers/package-lock.json "$dir/"
+    (cd "$dir" && npm ci --no-audit --no-fund --silent >&2) || die "npm ci for the provider libraries failed"
+    touch "$dir/.hookpipe-ready"
+  fi
+  cp tests/providers/sign.mjs "$dir/sign.mjs"
+  PROVIDER_SIGNER="$dir/sign.mjs"
+}
+
 # ensure_secured_broker_tools: stunnel (Debian's stunnel4) terminates TLS in front of tansu for
 # the secured-broker tests (tests/src/secured.rs); openssl makes their CA and certificates.
 ensure_secured_broker_tools() {

@@ -121,6 +121,25 @@ pub enum AuthSpec {
     /// A header carries HMAC-SHA256 of the raw body (or of `"{timestamp}.{body}"` when a
     /// timestamp header is configured) under one of the secrets.
     HmacSha256(HmacSpec),
+    /// The Standard Webhooks specification (Svix and the SaaS products that follow it):
+    /// `webhook-signature: v1,<base64>` (several entries allowed) of HMAC-SHA256 over
+    /// `"{webhook-id}.{webhook-timestamp}.{body}"`, keyed by the base64 part of a
+    /// `whsec_<base64>` secret. Svix's `svix-*` header names are accepted as well.
+    StandardWebhooks {
+        tolerance: Duration,
+        secrets: Vec<SecretRef>,
+    },
+    /// Stripe: `Stripe-Signature: t=<ts>,v1=<hex>[,v1=<hex>…]` of HMAC-SHA256 over
+    /// `"{t}.{body}"`, keyed by the endpoint's signing secret (`whsec_…`, used as it is).
+    Stripe {
+        tolerance: Duration,
+        secrets: Vec<SecretRef>,
+    },
+    /// GitHub: `X-Hub-Signature-256: sha256=<hex>` of HMAC-SHA256 over the body.
+    GitHub { secrets: Vec<SecretRef> },
+    /// Shopify: `X-Shopify-Hmac-Sha256: <base64>` of HMAC-SHA256 over the body, keyed by the
+    /// app's client secret.
+    Shopify { secrets: Vec<SecretRef> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,8 +160,36 @@ pub struct HmacSpec {
 impl AuthSpec {
     pub fn secrets(&self) -> &[SecretRef] {
         match self {
-            AuthSpec::Bearer { secrets } => secrets,
+            AuthSpec::Bearer { secrets }
+            | AuthSpec::StandardWebhooks { secrets, .. }
+            | AuthSpec::Stripe { secrets, .. }
+            | AuthSpec::GitHub { secrets }
+            | AuthSpec::Shopify { secrets } => secrets,
             AuthSpec::HmacSha256(h) => &h.secrets,
+        }
+    }
+
+    /// The `type` as written in the catalogue.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthSpec::Bearer { .. } => "bearer",
+            AuthSpec::HmacSha256(_) => "hmac-sha256",
+            AuthSpec::StandardWebhooks { .. } => "standard-webhooks",
+            AuthSpec::Stripe { .. } => "stripe",
+            AuthSpec::GitHub { .. } => "github",
+            AuthSpec::Shopify { .. } => "shopify",
+        }
+    }
+
+    /// The header in which the scheme's sender puts its delivery id, which is the same on a
+    /// redelivery of the same event: the stream's idempotency header unless the catalogue
+    /// names another. Stripe has none (its event id is in the body).
+    pub fn delivery_id_header(&self) -> Option<&'static str> {
+        match self {
+            AuthSpec::StandardWebhooks { .. } => Some("webhook-id"),
+            AuthSpec::GitHub { .. } => Some("X-GitHub-Delivery"),
+            AuthSpec::Shopify { .. } => Some("X-Shopify-Webhook-Id"),
+            AuthSpec::Bearer { .. } | AuthSpec::HmacSha256(_) | AuthSpec::Stripe { .. } => None,
         }
     }
 }
@@ -158,6 +205,20 @@ pub struct Stream {
     pub auth: Option<AuthSpec>,
     /// Requests per second this stream may send to each gateway replica; `None` is unlimited.
     pub rate_limit: Option<RateLimit>,
+    /// The header holding the sender's idempotency key (its delivery id), when the catalogue
+    /// names one for this stream; see [`Stream::idempotency_header`].
+    pub idempotency_header: Option<String>,
+}
+
+impl Stream {
+    /// The header whose value keys this stream's hits: the catalogue's `idempotency_header`,
+    /// else the auth scheme's delivery id header; `None` means the gateway's global one
+    /// (`HOOKPIPE_IDEMPOTENCY_HEADER`).
+    pub fn idempotency_header(&self) -> Option<&str> {
+        self.idempotency_header
+            .as_deref()
+            .or_else(|| self.auth.as_ref().and_then(AuthSpec::delivery_id_header))
+    }
 }
 
 /// A stream's rate limit: a token bucket refilled at `per_second` that holds `burst` tokens,
@@ -211,6 +272,8 @@ struct RawStream {
     auth: Option<RawAuth>,
     #[serde(default)]
     rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    idempotency_header: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -238,6 +301,22 @@ enum RawAuth {
         timestamp_header: Option<String>,
         #[serde(default)]
         tolerance_seconds: Option<u64>,
+        secrets: Vec<SecretRef>,
+    },
+    StandardWebhooks {
+        #[serde(default)]
+        tolerance_seconds: Option<u64>,
+        secrets: Vec<SecretRef>,
+    },
+    Stripe {
+        #[serde(default)]
+        tolerance_seconds: Option<u64>,
+        secrets: Vec<SecretRef>,
+    },
+    Github {
+        secrets: Vec<SecretRef>,
+    },
+    Shopify {
         secrets: Vec<SecretRef>,
     },
 }
@@ -325,8 +404,24 @@ impl Catalogue {
                     burst: burst.unwrap_or(per_second),
                 })),
             };
-            if let (Some(id), Some(table), Some(zone), Some(auth), Some(rate_limit)) =
-                (id, table, zone, auth, rate_limit)
+            let idempotency_header = match raw.idempotency_header {
+                Some(h) if !is_header_name(&h) => {
+                    problem(
+                        "idempotency_header",
+                        format!("`{h}` is not a valid HTTP header name"),
+                    );
+                    None
+                }
+                h => Some(h),
+            };
+            if let (
+                Some(id),
+                Some(table),
+                Some(zone),
+                Some(auth),
+                Some(rate_limit),
+                Some(idempotency_header),
+            ) = (id, table, zone, auth, rate_limit, idempotency_header)
             {
                 catalogue.order.push(id);
                 catalogue.streams.insert(
@@ -338,6 +433,7 @@ impl Catalogue {
                         zone,
                         auth,
                         rate_limit,
+                        idempotency_header,
                     }),
                 );
             }
@@ -386,12 +482,41 @@ fn validate_auth(raw: RawAuth) -> Result<AuthSpec, (&'static str, String)> {
         }
         Ok(())
     };
-    let header_ok = |h: &str| {
-        !h.is_empty()
-            && h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    let header_ok = is_header_name;
+    let tolerance = |seconds: Option<u64>| match seconds {
+        Some(0) => Err(("tolerance_seconds", "must be at least 1".to_owned())),
+        Some(s) => Ok(Duration::from_secs(s)),
+        None => Ok(DEFAULT_TOLERANCE),
     };
     match raw {
+        RawAuth::StandardWebhooks {
+            tolerance_seconds,
+            secrets,
+        } => {
+            check_secrets(&secrets)?;
+            Ok(AuthSpec::StandardWebhooks {
+                tolerance: tolerance(tolerance_seconds)?,
+                secrets,
+            })
+        }
+        RawAuth::Stripe {
+            tolerance_seconds,
+            secrets,
+        } => {
+            check_secrets(&secrets)?;
+            Ok(AuthSpec::Stripe {
+                tolerance: tolerance(tolerance_seconds)?,
+                secrets,
+            })
+        }
+        RawAuth::Github { secrets } => {
+            check_secrets(&secrets)?;
+            Ok(AuthSpec::GitHub { secrets })
+        }
+        RawAuth::Shopify { secrets } => {
+            check_secrets(&secrets)?;
+            Ok(AuthSpec::Shopify { secrets })
+        }
         RawAuth::Bearer { secrets } => {
             check_secrets(&secrets)?;
             Ok(AuthSpec::Bearer { secrets })
@@ -441,6 +566,13 @@ fn validate_auth(raw: RawAuth) -> Result<AuthSpec, (&'static str, String)> {
             }))
         }
     }
+}
+
+/// An HTTP header name (RFC 9110 token).
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A value derived from the catalogue (the catalogue itself in the sink, the catalogue with
@@ -503,16 +635,34 @@ pub fn watch_catalogue<T: Send + Sync + 'static>(
     build: impl Fn(Catalogue) -> Result<T, String> + Send + 'static,
     on_reload: impl Fn(ReloadOutcome) + Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let applied = std::fs::read(&path).ok();
-    watch_from(path, interval, shared, cancel, build, on_reload, applied)
+    watch_catalogue_and(path, interval, shared, cancel, build, |_| false, on_reload)
 }
 
+/// [`watch_catalogue`], and also builds the unchanged catalogue again whenever `stale` says
+/// what was built from it is out of date (the gateway: a secret file it read has changed).
+pub fn watch_catalogue_and<T: Send + Sync + 'static>(
+    path: PathBuf,
+    interval: Duration,
+    shared: Arc<Shared<T>>,
+    cancel: tokio_util::sync::CancellationToken,
+    build: impl Fn(Catalogue) -> Result<T, String> + Send + 'static,
+    stale: impl Fn(&T) -> bool + Send + 'static,
+    on_reload: impl Fn(ReloadOutcome) + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send {
+    let applied = std::fs::read(&path).ok();
+    watch_from(
+        path, interval, shared, cancel, build, stale, on_reload, applied,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn watch_from<T>(
     path: PathBuf,
     interval: Duration,
     shared: Arc<Shared<T>>,
     cancel: tokio_util::sync::CancellationToken,
     build: impl Fn(Catalogue) -> Result<T, String> + Send + 'static,
+    stale: impl Fn(&T) -> bool + Send + 'static,
     on_reload: impl Fn(ReloadOutcome) + Send + 'static,
     mut applied: Option<Vec<u8>>,
 ) {
@@ -535,7 +685,9 @@ async fn watch_from<T>(
                 continue;
             }
         };
-        if applied.as_deref() == Some(text.as_slice()) {
+        let unchanged = applied.as_deref() == Some(text.as_slice());
+        // A stale build (say, a secret file that is now empty) is tried again every tick too.
+        if unchanged && !stale(&shared.current()) {
             continue;
         }
         let parsed = std::str::from_utf8(&text)
@@ -544,7 +696,11 @@ async fn watch_from<T>(
             .and_then(&build);
         match parsed {
             Ok(value) => {
-                tracing::info!(path = %path.display(), "stream catalogue reloaded");
+                if unchanged {
+                    tracing::info!(path = %path.display(), "a secret file changed; stream catalogue built again");
+                } else {
+                    tracing::info!(path = %path.display(), "stream catalogue reloaded");
+                }
                 shared.replace(value);
                 on_reload(ReloadOutcome::Applied);
                 applied = Some(text);

@@ -22,6 +22,8 @@ pub struct Received<'a> {
     pub content_type: &'a str,
     pub query: &'a str,
     pub idempotency_key: Option<&'a str>,
+    /// The verified signature's text, for a signed request (see [`hit_id`]).
+    pub signature: Option<&'a str>,
     pub remote_addr: Option<SocketAddr>,
     pub user_agent: &'a str,
     /// The stream's table and zone, as resolved from the catalogue at receipt.
@@ -31,18 +33,29 @@ pub struct Received<'a> {
 
 /// The hit's id. With an idempotency key it is UUID v5 of (stream id, key), so a sender's retry
 /// gets the same hit_id and the sink can drop the copy; the stream id as namespace keeps equal
-/// keys of two streams apart. Without a key it is a fresh time-ordered UUID v7.
-pub fn hit_id(stream_id: &Uuid, idempotency_key: Option<&str>) -> Uuid {
-    match idempotency_key {
-        Some(key) => Uuid::new_v5(stream_id, key.as_bytes()),
-        None => Uuid::now_v7(),
+/// keys of two streams apart. A signed request without a key takes UUID v5 of its signature
+/// (in a namespace of its own under the stream's, so no key can name the same hit): a replay
+/// of a captured request is the same hit, while any other request has another signature.
+/// Otherwise it is a fresh time-ordered UUID v7.
+pub fn hit_id(stream_id: &Uuid, idempotency_key: Option<&str>, signature: Option<&str>) -> Uuid {
+    match (idempotency_key, signature) {
+        (Some(key), _) => Uuid::new_v5(stream_id, key.as_bytes()),
+        (None, Some(signature)) => {
+            Uuid::new_v5(&Uuid::new_v5(stream_id, b"signature"), signature.as_bytes())
+        }
+        (None, None) => Uuid::now_v7(),
     }
 }
 
 /// The envelope of `received` as a message (for tools and tests; the gateway uses [`encode`]).
 pub fn build(received: Received<'_>) -> Envelope {
     Envelope {
-        hit_id: hit_id(&received.stream_id, received.idempotency_key).to_string(),
+        hit_id: hit_id(
+            &received.stream_id,
+            received.idempotency_key,
+            received.signature,
+        )
+        .to_string(),
         received_at_ms: received.received_at_ms,
         stream_id: received.stream_id.to_string(),
         payload: received.payload,
@@ -146,7 +159,11 @@ fn put_bytes_field(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
 /// The envelope of `received`, encoded into one buffer of exactly its size, and its hit_id:
 /// the same bytes as `build(received).encode_to_vec()`, without a `String` per field.
 pub fn encode(received: &Received<'_>) -> (Uuid, Vec<u8>) {
-    let id = hit_id(&received.stream_id, received.idempotency_key);
+    let id = hit_id(
+        &received.stream_id,
+        received.idempotency_key,
+        received.signature,
+    );
     let mut id_text = Uuid::encode_buffer();
     let id_text = id.hyphenated().encode_lower(&mut id_text).as_bytes();
     let mut stream_text = Uuid::encode_buffer();
@@ -214,20 +231,36 @@ mod tests {
         let a: Uuid = STREAM.parse().unwrap();
         let b = Uuid::now_v7();
         assert_eq!(
-            hit_id(&a, Some("order-N1-delivered")),
-            hit_id(&a, Some("order-N1-delivered"))
+            hit_id(&a, Some("order-N1-delivered"), None),
+            hit_id(&a, Some("order-N1-delivered"), None)
         );
         assert_ne!(
-            hit_id(&a, Some("order-N1-delivered")),
-            hit_id(&b, Some("order-N1-delivered"))
+            hit_id(&a, Some("order-N1-delivered"), None),
+            hit_id(&b, Some("order-N1-delivered"), None)
         );
-        assert_eq!(hit_id(&a, Some("k")).get_version_num(), 5);
+        assert_eq!(hit_id(&a, Some("k"), None).get_version_num(), 5);
+    }
+
+    #[test]
+    fn a_signature_keys_a_keyless_hit_and_a_key_wins_over_it() {
+        let a: Uuid = STREAM.parse().unwrap();
+        let b = Uuid::now_v7();
+        let sig = Some("t=1700000000,v1=5257a869e7");
+        assert_eq!(hit_id(&a, None, sig), hit_id(&a, None, sig));
+        assert_ne!(hit_id(&a, None, sig), hit_id(&b, None, sig));
+        assert_ne!(
+            hit_id(&a, None, sig),
+            hit_id(&a, None, Some("t=1700000001,v1=00"))
+        );
+        // A sender's key equal to the signature's text is still another hit.
+        assert_ne!(hit_id(&a, None, sig), hit_id(&a, sig, None));
+        assert_eq!(hit_id(&a, Some("k"), sig), hit_id(&a, Some("k"), None));
     }
 
     #[test]
     fn without_a_key_every_hit_is_new_and_time_ordered() {
         let a: Uuid = STREAM.parse().unwrap();
-        let (x, y) = (hit_id(&a, None), hit_id(&a, None));
+        let (x, y) = (hit_id(&a, None, None), hit_id(&a, None, None));
         assert_ne!(x, y);
         assert_eq!(x.get_version_num(), 7);
     }
@@ -243,6 +276,7 @@ mod tests {
             content_type: "application/x-www-form-urlencoded",
             query: "",
             idempotency_key: None,
+            signature: None,
             remote_addr: Some("127.0.0.1:5000".parse().unwrap()),
             user_agent: "curl/8",
             table: "local-project.offline_data.crm_orders",
@@ -270,6 +304,7 @@ mod tests {
             content_type: "application/x-www-form-urlencoded",
             query,
             idempotency_key: key,
+            signature: None,
             remote_addr: addr,
             user_agent: "",
             table: "local-project.offline_data.crm_orders",

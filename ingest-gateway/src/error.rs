@@ -23,6 +23,8 @@ pub enum ApiError {
     EmptyPayload,
     #[error("idempotency key longer than 255 bytes")]
     IdempotencyKeyTooLong,
+    #[error("idempotency key must be visible ASCII")]
+    IdempotencyKeyNotAscii,
     #[error("could not read request body")]
     BodyRead,
     #[error("request body not received in time")]
@@ -46,7 +48,8 @@ impl ApiError {
             ApiError::NotUtf8
             | ApiError::EmptyPayload
             | ApiError::BodyRead
-            | ApiError::IdempotencyKeyTooLong => StatusCode::BAD_REQUEST,
+            | ApiError::IdempotencyKeyTooLong
+            | ApiError::IdempotencyKeyNotAscii => StatusCode::BAD_REQUEST,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

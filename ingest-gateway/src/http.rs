@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,11 @@ use hookpipe_common::Catalogue;
 use hookpipe_common::catalogue::{RateLimit, Shared};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use prometheus::IntCounter;
+use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::auth::Verifier;
+use crate::auth::{Verified, Verifier};
 use crate::envelope::{self, Received};
 use crate::error::{ApiError, Result};
 use crate::metrics::{Metrics, UNKNOWN_STREAM};
@@ -44,6 +46,12 @@ pub struct GatewayStreams {
     /// Each stream's `requests_total{status="202"}` counter, resolved once per catalogue
     /// version (see [`GatewayStreams::counted_by`]) instead of looked up by label per request.
     pub accepted: HashMap<Uuid, IntCounter>,
+    /// Streams whose idempotency key is in another header than the gateway's global one (the
+    /// catalogue's `idempotency_header`, or the auth scheme's delivery id header).
+    pub idempotency_headers: HashMap<Uuid, HeaderName>,
+    /// Every secret file the verifiers were built from, with a digest of the content they
+    /// hold, so a rotated file (a Kubernetes Secret updated in place) is noticed.
+    secret_files: Vec<(PathBuf, [u8; 32])>,
 }
 
 /// Where a stream's hits go, as written into every envelope.
@@ -89,8 +97,21 @@ impl GatewayStreams {
                 )
             })
             .collect();
+        let mut secret_files = Vec::new();
+        let mut idempotency_headers = HashMap::new();
         for stream in catalogue.streams() {
+            if let Some(name) = stream.idempotency_header() {
+                let name = HeaderName::try_from(name)
+                    .map_err(|e| format!("stream {}: idempotency_header: {e}", stream.id))?;
+                idempotency_headers.insert(stream.id, name);
+            }
             if let Some(spec) = &stream.auth {
+                secret_files.extend(spec.secrets().iter().filter_map(|s| s.file.clone()).map(
+                    |path| {
+                        let digest = file_digest(&path).unwrap_or_default();
+                        (path, digest)
+                    },
+                ));
                 let verifier = Verifier::from_spec(spec)
                     .map_err(|e| format!("stream {}: auth: {e}", stream.id))?;
                 verifiers.insert(stream.id, verifier);
@@ -102,7 +123,19 @@ impl GatewayStreams {
             placements,
             limiters,
             accepted: HashMap::new(),
+            idempotency_headers,
+            secret_files,
         })
+    }
+
+    /// Whether a secret file now holds something else than when these verifiers were built:
+    /// then the catalogue is built again (`watch_catalogue`'s `stale` check), so a rotated
+    /// secret is in force within the reload interval without a catalogue edit. A file that
+    /// cannot be read right now (a Secret volume mid-update) counts as unchanged.
+    pub fn secrets_changed(&self) -> bool {
+        self.secret_files
+            .iter()
+            .any(|(path, digest)| file_digest(path).is_some_and(|now| now != *digest))
     }
 
     /// The same streams, with their metric handles resolved in `metrics`.
@@ -114,6 +147,12 @@ impl GatewayStreams {
             .collect();
         self
     }
+}
+
+/// SHA-256 of a secret file's trimmed content (what [`crate::auth::resolve`] uses).
+fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    let text = std::fs::read(path).ok()?;
+    Some(Sha256::digest(text.trim_ascii()).into())
 }
 
 fn quota(limit: RateLimit) -> Quota {
@@ -269,15 +308,34 @@ async fn accept<P: Publish>(
     if std::str::from_utf8(&payload).is_err() {
         return Err(ApiError::NotUtf8);
     }
-    if let Some(verifier) = streams.verifiers.get(&stream_id) {
-        let now_secs = received_at_ms.div_euclid(1000);
-        if let Err(failure) = verifier.verify(&parts.headers, &payload, now_secs) {
-            state.metrics.auth_failure(label, failure.reason());
-            return Err(ApiError::Unauthorized(failure.message()));
+    let verified = match streams.verifiers.get(&stream_id) {
+        Some(verifier) => {
+            let now_secs = received_at_ms.div_euclid(1000);
+            verifier
+                .verify(&parts.headers, &payload, now_secs)
+                .map_err(|failure| {
+                    state.metrics.auth_failure(label, failure.reason());
+                    ApiError::Unauthorized(failure.message())
+                })?
         }
-    }
+        None => Verified { signature: None },
+    };
     let header_str = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    let idempotency_key = header_str(&state.idempotency_header).filter(|k| !k.is_empty());
+    let key_header = streams
+        .idempotency_headers
+        .get(&stream_id)
+        .unwrap_or(&state.idempotency_header);
+    let idempotency_key = match parts.headers.get(key_header) {
+        None => None,
+        // A key the gateway would otherwise have to ignore (non-ASCII, control characters)
+        // is refused: ignoring it would turn the sender's retries into extra rows.
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::IdempotencyKeyNotAscii)?,
+        ),
+    }
+    .filter(|k| !k.is_empty());
     // The key travels in every envelope: a sender must not make it a second payload.
     if idempotency_key.is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
         return Err(ApiError::IdempotencyKeyTooLong);
@@ -298,6 +356,7 @@ async fn accept<P: Publish>(
         content_type: header_str(&header::CONTENT_TYPE).unwrap_or(""),
         query,
         idempotency_key,
+        signature: verified.signature,
         remote_addr,
         user_agent: header_str(&header::USER_AGENT).unwrap_or(""),
     });

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use hookpipe_common::Catalogue;
 use hookpipe_common::admin::{self, AdminServer};
-use hookpipe_common::catalogue::{Shared, watch_catalogue};
+use hookpipe_common::catalogue::{Shared, watch_catalogue_and};
 use ingest_gateway::config::{Cli, Command};
 use ingest_gateway::http::{AppState, GatewayStreams, Limits, app};
 use ingest_gateway::metrics::Metrics;
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn({
         let (streams, metrics, cancel) = (streams.clone(), metrics.clone(), cancel.clone());
         let (gauge_metrics, previous) = (metrics.clone(), streams.clone());
-        watch_catalogue(
+        watch_catalogue_and(
             catalogue_path,
             config.catalogue_reload_interval,
             streams,
@@ -114,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
                     .set(built.catalogue.len() as i64);
                 Ok(built)
             },
+            GatewayStreams::secrets_changed,
             move |outcome| metrics.catalogue_reload(outcome.as_str()),
         )
     });

@@ -127,6 +127,8 @@ enum Auth {
         base64: bool,
         timestamp_header: Option<String>,
     },
+    /// A provider's own scheme that the provider signs (its library or its servers).
+    Provider(&'static str),
 }
 
 impl Auth {
@@ -140,13 +142,32 @@ impl Auth {
                 base64: h.encoding == SignatureEncoding::Base64,
                 timestamp_header: h.timestamp_header.clone(),
             },
+            // The providers' body-only schemes are our HMAC with their header and encoding, so
+            // a test sender can stand in for the provider.
+            Some(AuthSpec::GitHub { .. }) => Auth::Hmac {
+                header: "X-Hub-Signature-256".into(),
+                prefix: "sha256=".into(),
+                base64: false,
+                timestamp_header: None,
+            },
+            Some(AuthSpec::Shopify { .. }) => Auth::Hmac {
+                header: "X-Shopify-Hmac-Sha256".into(),
+                prefix: String::new(),
+                base64: true,
+                timestamp_header: None,
+            },
+            Some(spec @ (AuthSpec::Stripe { .. } | AuthSpec::StandardWebhooks { .. })) => {
+                Auth::Provider(spec.kind())
+            }
         }
     }
 
     /// One line saying what the sender needs, for the snippet's header comment.
     fn note(&self) -> String {
         match self {
-            Auth::None => "The stream has no auth: its URL is the secret; keep it private.".into(),
+            Auth::None | Auth::Provider(_) => {
+                "The stream has no auth: its URL is the secret; keep it private.".into()
+            }
             Auth::Bearer => format!("Auth: bearer token, read from ${SECRET_ENV}."),
             Auth::Hmac {
                 header,
@@ -167,6 +188,9 @@ impl Auth {
 pub fn snippet(lang: Lang, stream: &Stream, base_url: &str) -> String {
     let url = format!("{}/ds/{}", base_url.trim_end_matches('/'), stream.id);
     let auth = Auth::of(stream);
+    if let Auth::Provider(kind) = auth {
+        return provider_note(lang, kind, &url);
+    }
     let header = format!(
         "Sends one webhook to data stream {}, {}.\n{}\nRetries on 429/503 after Retry-After and on connection errors, with the same Idempotency-Key,\nso a retry is never a second row. Exits non-zero unless the gateway answered 2xx.",
         stream.id,
@@ -197,6 +221,18 @@ pub fn snippet(lang: Lang, stream: &Stream, base_url: &str) -> String {
     }
 }
 
+/// A stream signed by a provider: what to set where, as a comment in the language.
+fn provider_note(lang: Lang, kind: &str, url: &str) -> String {
+    let text = format!(
+        "Data stream endpoint: {url}\nThis stream checks {kind} signatures: the sender signs with its own library or\nservers (see the README's section on {kind}); give it the URL above and the signing secret."
+    );
+    let marker = match lang {
+        Lang::Curl | Lang::Python | Lang::PythonStdlib | Lang::Ruby => "# ",
+        _ => "// ",
+    };
+    text.lines().map(|l| format!("{marker}{l}\n")).collect()
+}
+
 fn curl(url: &str, auth: &Auth) -> String {
     let sign = |message: &str, base64: bool| {
         if base64 {
@@ -210,7 +246,7 @@ fn curl(url: &str, auth: &Auth) -> String {
         }
     };
     let auth_lines = match auth {
-        Auth::None => "auth=()\n".to_owned(),
+        Auth::None | Auth::Provider(_) => "auth=()\n".to_owned(),
         Auth::Bearer => format!(
             "secret=\"${{{SECRET_ENV}:?set {SECRET_ENV}}}\"\nauth=(-H \"Authorization: Bearer $secret\")\n"
         ),
@@ -257,7 +293,7 @@ echo
 fn python(url: &str, auth: &Auth, requests: bool) -> String {
     let secret = format!("SECRET = os.environ[\"{SECRET_ENV}\"]\n");
     let (imports, secret_line, auth_fn) = match auth {
-        Auth::None => (
+        Auth::None | Auth::Provider(_) => (
             "",
             String::new(),
             "def auth_headers():\n    return {}\n".to_owned(),
@@ -356,7 +392,7 @@ fn python(url: &str, auth: &Auth, requests: bool) -> String {
 
 fn node(url: &str, auth: &Auth) -> String {
     let (import, secret, auth_fn) = match auth {
-        Auth::None => (
+        Auth::None | Auth::Provider(_) => (
             "",
             String::new(),
             "function authHeaders() {\n  return {};\n}\n".to_owned(),
@@ -434,7 +470,9 @@ console.log(await send());
 
 fn php(url: &str, auth: &Auth) -> String {
     let auth_fn = match auth {
-        Auth::None => "function auth_headers(): array\n{\n    return [];\n}\n".to_owned(),
+        Auth::None | Auth::Provider(_) => {
+            "function auth_headers(): array\n{\n    return [];\n}\n".to_owned()
+        }
         Auth::Bearer => format!(
             "function auth_headers(): array\n{{\n    return ['Authorization: Bearer ' . getenv('{SECRET_ENV}')];\n}}\n"
         ),
@@ -519,7 +557,7 @@ echo send(), PHP_EOL;
 
 fn ruby(url: &str, auth: &Auth) -> String {
     let (requires, auth_fn) = match auth {
-        Auth::None => ("", "def auth_headers\n  {}\nend\n".to_owned()),
+        Auth::None | Auth::Provider(_) => ("", "def auth_headers\n  {}\nend\n".to_owned()),
         Auth::Bearer => (
             "",
             format!(
@@ -603,7 +641,9 @@ puts send_webhook
 
 fn go(url: &str, auth: &Auth) -> String {
     let (imports, auth_fn) = match auth {
-        Auth::None => (vec![], "func setAuth(req *http.Request) {}\n".to_owned()),
+        Auth::None | Auth::Provider(_) => {
+            (vec![], "func setAuth(req *http.Request) {}\n".to_owned())
+        }
         Auth::Bearer => (
             vec!["\"os\""],
             format!(
@@ -722,7 +762,9 @@ func main() {{
 
 fn java(url: &str, auth: &Auth) -> String {
     let auth_fn = match auth {
-        Auth::None => "    static void auth(HttpRequest.Builder request) {}\n".to_owned(),
+        Auth::None | Auth::Provider(_) => {
+            "    static void auth(HttpRequest.Builder request) {}\n".to_owned()
+        }
         Auth::Bearer => format!(
             "    static void auth(HttpRequest.Builder request) {{\n        request.header(\"Authorization\", \"Bearer \" + System.getenv(\"{SECRET_ENV}\"));\n    }}\n"
         ),
@@ -807,7 +849,9 @@ public class SendWebhook {{
 
 fn csharp(url: &str, auth: &Auth) -> String {
     let auth_fn = match auth {
-        Auth::None => "static void Auth(HttpRequestMessage request) { }\n".to_owned(),
+        Auth::None | Auth::Provider(_) => {
+            "static void Auth(HttpRequestMessage request) { }\n".to_owned()
+        }
         Auth::Bearer => format!(
             "static void Auth(HttpRequestMessage request) =>\n    request.Headers.TryAddWithoutValidation(\"Authorization\", \"Bearer \" + Environment.GetEnvironmentVariable(\"{SECRET_ENV}\"));\n"
         ),
@@ -918,6 +962,27 @@ mod tests {
     }
 
     #[test]
+    fn zz_dump() {
+        let Ok(dir) = std::env::var("SNIPPET_DUMP") else {
+            return;
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        for stream in streams().streams() {
+            for lang in Lang::ALL {
+                let code = snippet(lang, stream, "https://hooks.example.com/");
+                std::fs::write(
+                    format!(
+                        "{dir}/{}-{lang}",
+                        stream.table.to_string().replace('.', "_")
+                    ),
+                    code,
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    #[test]
     fn every_snippet_has_the_url_body_key_auth_and_retry_handling() {
         for stream in streams().streams() {
             for lang in Lang::ALL {
@@ -958,6 +1023,7 @@ mod tests {
                         }
                         assert!(code.contains(SECRET_ENV), "{what}: secret from env");
                     }
+                    Some(other) => panic!("{what}: no test catalogue stream is {}", other.kind()),
                 }
             }
         }

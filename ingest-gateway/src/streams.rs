@@ -191,11 +191,7 @@ pub fn new_entry(args: &NewArgs, id: Uuid) -> Result<String, String> {
 }
 
 fn auth_mode(stream: &Stream) -> &'static str {
-    match &stream.auth {
-        None => "none",
-        Some(AuthSpec::Bearer { .. }) => "bearer",
-        Some(AuthSpec::HmacSha256(_)) => "hmac-sha256",
-    }
+    stream.auth.as_ref().map_or("none", AuthSpec::kind)
 }
 
 fn endpoint(base_url: &str, stream: &Stream) -> String {

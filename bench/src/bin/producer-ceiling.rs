@@ -93,6 +93,7 @@ async fn main() {
                     content_type: "application/x-www-form-urlencoded",
                     query: "",
                     idempotency_key: None,
+                    signature: None,
                     remote_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 50000))),
                     user_agent: "bench",
                     // Like an envelope from a gateway before these fields existed: the sink
