@@ -130,25 +130,31 @@ ensure_snippet_runtimes() {
   venv_with "$SNIPPETS_VENV" requests==2.32.3
 }
 
-# ensure_provider_libs: the providers' own webhook-signing libraries from npm (Stripe, GitHub's
-# Octokit, Standard Webhooks, Svix; pinned in tests/providers/package-lock.json), which
-# tests/tests/providers.rs signs with. Installed into the cache, in a folder named after the
-# lock file's digest, with tests/providers/sign.mjs copied beside them (ES modules find their
-# packages next to the script). Sets PROVIDER_SIGNER to that copy.
-ensure_provider_libs() {
-  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+# ensure_node_test_tools: the Node.js packages the integration tests drive, pinned in
+# tests/node/package-lock.json: the providers' own webhook-signing libraries (Stripe, GitHub's
+# Octokit, Standard Webhooks, Svix) for tests/tests/providers.rs, and playwright-core, which
+# drives Debian's Chromium (installed here when missing) for tests/tests/console.rs.
+# Installed into the cache, in a folder named after the lock file's digest, with the scripts of
+# tests/node copied beside them (ES modules find their packages next to the script). Sets
+# NODE_TEST_TOOLS to that folder.
+ensure_node_test_tools() {
+  local missing=()
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+  command -v chromium >/dev/null || missing+=(chromium)
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
   local digest dir
-  digest=$(cat tests/providers/package.json tests/providers/package-lock.json | sha256sum | cut -c1-12)
-  dir="$HOOKPIPE_CACHE/provider-libs-$digest"
+  digest=$(cat tests/node/package.json tests/node/package-lock.json | sha256sum | cut -c1-12)
+  dir="$HOOKPIPE_CACHE/node-test-tools-$digest"
   if [ ! -e "$dir/.hookpipe-ready" ]; then
-    log "installing the providers' signing libraries (npm) into $dir"
+    log "installing the Node.js test tools (npm) into $dir"
     rm -rf "$dir" && mkdir -p "$dir"
-    cp tests/providers/package.json tests/providers/package-lock.json "$dir/"
-    (cd "$dir" && npm ci --no-audit --no-fund --silent >&2) || die "npm ci for the provider libraries failed"
+    cp tests/node/package.json tests/node/package-lock.json "$dir/"
+    (cd "$dir" && npm ci --no-audit --no-fund --silent >&2) || die "npm ci for tests/node failed"
     touch "$dir/.hookpipe-ready"
   fi
-  cp tests/providers/sign.mjs "$dir/sign.mjs"
-  PROVIDER_SIGNER="$dir/sign.mjs"
+  cp tests/node/*.mjs "$dir/"
+  NODE_TEST_TOOLS="$dir"
 }
 
 # ensure_secured_broker_tools: stunnel (Debian's stunnel4) terminates TLS in front of tansu for

@@ -36,9 +36,11 @@ impl Key {
 #[derive(Debug)]
 pub enum Verifier {
     /// SHA-256 digests of the tokens: compared digest to digest, so neither the time taken
-    /// nor an early length mismatch tells a sender anything about a token's length.
+    /// nor an early length mismatch tells a sender anything about a token's length. The first
+    /// token itself is kept for the console's test hit ([`Verifier::sign`]).
     Bearer {
         token_digests: Vec<[u8; 32]>,
+        first: Secret,
     },
     Hmac {
         spec: HmacSpec,
@@ -154,6 +156,7 @@ impl Verifier {
                     .iter()
                     .map(|t| Sha256::digest(t.expose().as_bytes()).into())
                     .collect(),
+                first: secrets.first().cloned().unwrap_or_default(),
             },
             AuthSpec::HmacSha256(h) => Verifier::Hmac {
                 spec: h.clone(),
@@ -187,7 +190,7 @@ impl Verifier {
         now_secs: i64,
     ) -> Result<Verified<'h>, AuthFailure> {
         let signature = match self {
-            Verifier::Bearer { token_digests } => {
+            Verifier::Bearer { token_digests, .. } => {
                 let value =
                     header(headers, "authorization").ok_or(AuthFailure::MissingCredentials)?;
                 let token = value
@@ -232,6 +235,73 @@ impl Verifier {
         Ok(Verified {
             signature: Some(signature),
         })
+    }
+}
+
+impl Verifier {
+    /// Headers that make a request with `body` pass this check, signed with the first secret
+    /// as the stream's sender would (the console's test hit, which goes through the same
+    /// handler as a sender's). `delivery_id` is used where the scheme signs one.
+    pub fn sign(&self, body: &[u8], now_secs: i64, delivery_id: &str) -> Vec<(String, String)> {
+        let ts = now_secs.to_string();
+        let mac = |keys: &[Key], parts: &[&[u8]]| -> Vec<u8> {
+            let Some(Ok(mut mac)) = keys.first().map(|k| Hmac::<Sha256>::new_from_slice(&k.0))
+            else {
+                return Vec::new();
+            };
+            for part in parts {
+                mac.update(part);
+            }
+            mac.finalize().into_bytes().to_vec()
+        };
+        let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let hex = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let pair = |name: &str, value: String| (name.to_owned(), value);
+        match self {
+            Verifier::Bearer { first, .. } => {
+                vec![pair("Authorization", format!("Bearer {}", first.expose()))]
+            }
+            Verifier::Hmac { spec, keys } => {
+                let digest = match &spec.timestamp_header {
+                    Some(_) => mac(keys, &[ts.as_bytes(), b".", body]),
+                    None => mac(keys, &[body]),
+                };
+                let encoded = match spec.encoding {
+                    SignatureEncoding::Hex => hex(digest),
+                    SignatureEncoding::Base64 => b64(digest),
+                };
+                let mut headers = vec![pair(&spec.header, format!("{}{encoded}", spec.prefix))];
+                if let Some(name) = &spec.timestamp_header {
+                    headers.push(pair(name, ts));
+                }
+                headers
+            }
+            Verifier::StandardWebhooks { keys, .. } => {
+                let digest = mac(
+                    keys,
+                    &[delivery_id.as_bytes(), b".", ts.as_bytes(), b".", body],
+                );
+                vec![
+                    pair("webhook-id", delivery_id.to_owned()),
+                    pair("webhook-signature", format!("v1,{}", b64(digest))),
+                    pair("webhook-timestamp", ts),
+                ]
+            }
+            Verifier::Stripe { keys, .. } => {
+                let digest = mac(keys, &[ts.as_bytes(), b".", body]);
+                vec![pair(
+                    "Stripe-Signature",
+                    format!("t={ts},v1={}", hex(digest)),
+                )]
+            }
+            Verifier::GitHub { keys } => vec![pair(
+                "X-Hub-Signature-256",
+                format!("sha256={}", hex(mac(keys, &[body]))),
+            )],
+            Verifier::Shopify { keys } => {
+                vec![pair("X-Shopify-Hmac-Sha256", b64(mac(keys, &[body])))]
+            }
+        }
     }
 }
 
@@ -410,6 +480,53 @@ mod tests {
                 .iter()
                 .map(|t| Sha256::digest(t.as_bytes()).into())
                 .collect(),
+            first: Secret::new(tokens[0]),
+        }
+    }
+
+    /// What the console signs passes the same stream's check, for every scheme.
+    #[test]
+    fn sign_makes_requests_that_verify() {
+        let key = |k: &str| vec![Key(k.as_bytes().to_vec())];
+        let verifiers = [
+            bearer(&["tok"]),
+            Verifier::Hmac {
+                spec: spec(true, SignatureEncoding::Hex),
+                keys: key("k1"),
+            },
+            Verifier::Hmac {
+                spec: spec(false, SignatureEncoding::Base64),
+                keys: key("k1"),
+            },
+            Verifier::StandardWebhooks {
+                tolerance: Duration::from_secs(300),
+                keys: key("sw"),
+            },
+            Verifier::Stripe {
+                tolerance: Duration::from_secs(300),
+                keys: key("whsec_x"),
+            },
+            Verifier::GitHub { keys: key("gh") },
+            Verifier::Shopify { keys: key("shp") },
+        ];
+        let body = b"orderId=N1&status=delivered";
+        let now = 1_700_000_000;
+        for v in &verifiers {
+            let mut h = HeaderMap::new();
+            for (name, value) in v.sign(body, now, "console-1") {
+                h.insert(
+                    axum::http::HeaderName::try_from(name).unwrap(),
+                    value.parse().unwrap(),
+                );
+            }
+            assert_eq!(check(v, &h, body, now), Ok(()), "{v:?}");
+            if !matches!(v, Verifier::Bearer { .. }) {
+                assert_eq!(
+                    check(v, &h, b"tampered", now),
+                    Err(AuthFailure::InvalidSignature),
+                    "{v:?}"
+                );
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hookpipe_common::Catalogue;
 use hookpipe_common::catalogue::{RateLimit, Shared};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -43,9 +43,10 @@ pub struct GatewayStreams {
     pub placements: HashMap<Uuid, Placement>,
     /// Each rate-limited stream's token bucket, with the limit it was made for.
     pub limiters: HashMap<Uuid, (RateLimit, Arc<DefaultDirectRateLimiter>)>,
-    /// Each stream's `requests_total{status="202"}` counter, resolved once per catalogue
-    /// version (see [`GatewayStreams::counted_by`]) instead of looked up by label per request.
-    pub accepted: HashMap<Uuid, IntCounter>,
+    /// Each stream's `requests_total{status="202"}` counter and last-accepted gauge, resolved
+    /// once per catalogue version (see [`GatewayStreams::counted_by`]) instead of looked up by
+    /// label per request.
+    pub accepted: HashMap<Uuid, (IntCounter, IntGauge)>,
     /// Streams whose idempotency key is in another header than the gateway's global one (the
     /// catalogue's `idempotency_header`, or the auth scheme's delivery id header).
     pub idempotency_headers: HashMap<Uuid, HeaderName>,
@@ -143,7 +144,13 @@ impl GatewayStreams {
         self.accepted = self
             .catalogue
             .streams()
-            .map(|s| (s.id, metrics.accepted_counter(&s.id)))
+            .map(|s| {
+                let handles = (
+                    metrics.accepted_counter(&s.id),
+                    metrics.last_accepted_gauge(&s.id),
+                );
+                (s.id, handles)
+            })
             .collect();
         self
     }
@@ -273,8 +280,9 @@ async fn handle<P: Publish>(State(state): State<Arc<AppState<P>>>, request: Requ
         .filter(|_| status == StatusCode::ACCEPTED)
         .and_then(|id| streams.accepted.get(&id));
     match handle {
-        Some(counter) => {
+        Some((counter, last)) => {
             counter.inc();
+            last.set(received_at_ms.div_euclid(1000));
             state.metrics.request_seconds(status, seconds);
         }
         None => state.metrics.request(label, status, seconds),

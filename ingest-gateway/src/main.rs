@@ -83,13 +83,41 @@ async fn main() -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{}", config.listen));
+    let state = Arc::new(AppState {
+        streams: streams.clone(),
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        limits: Limits {
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+        },
+        slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+        idempotency_header: config.idempotency_header.parse()?,
+    });
+    let webhook = app(state);
+    let samples = Arc::default();
+    tokio::spawn(ingest_gateway::console::sample(
+        metrics.registry.clone(),
+        Arc::clone(&samples),
+        cancel.clone(),
+    ));
     let admin = AdminServer::start_with(
         config.admin_listen,
         metrics.registry.clone(),
         ingest_gateway::streams::admin_routes(ingest_gateway::streams::AdminStreams {
             streams: streams.clone(),
-            public_url,
-        }),
+            public_url: public_url.clone(),
+        })
+        .merge(ingest_gateway::console::routes(
+            ingest_gateway::console::Console {
+                streams: streams.clone(),
+                public_url,
+                webhook: webhook.clone(),
+                idempotency_header: config.idempotency_header.parse()?,
+                registry: metrics.registry.clone(),
+                samples,
+            },
+        )),
     )
     .await?;
     let ready = admin.ready.clone();
@@ -134,23 +162,12 @@ async fn main() -> anyhow::Result<()> {
         )
     });
 
-    let state = Arc::new(AppState {
-        streams,
-        publisher: publisher.clone(),
-        metrics,
-        limits: Limits {
-            max_body_bytes: config.max_body_bytes,
-            body_timeout: config.body_timeout,
-        },
-        slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
-        idempotency_header: config.idempotency_header.parse()?,
-    });
     // Readiness turns off as soon as `cancel` fires (the readiness loop ends), so load
     // balancers stop sending while the requests in flight finish.
     let drain_timeout = config.drain_timeout;
     ingest_gateway::server::serve(
         listener,
-        app(state),
+        webhook,
         config.header_timeout,
         cancel.clone(),
         drain_timeout,

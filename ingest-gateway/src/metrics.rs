@@ -3,7 +3,8 @@
 
 use hookpipe_common::admin::register;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use uuid::Uuid;
 
@@ -21,6 +22,7 @@ pub struct Metrics {
     publish_errors: IntCounterVec,
     catalogue_reloads: IntCounterVec,
     pub catalogue_streams: IntGauge,
+    last_accepted: IntGaugeVec,
 }
 
 /// Label value for requests whose stream id is not in the catalogue.
@@ -140,6 +142,17 @@ impl Metrics {
         for kind in crate::publisher::PublishError::KINDS {
             publish_errors.with_label_values(&[kind]);
         }
+        let last_accepted = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "ingest_gateway_stream_last_accepted_timestamp_seconds",
+                    "When the stream's last webhook was accepted (Unix seconds)",
+                ),
+                &["stream"],
+            )
+            .expect("valid metric"),
+        );
         let request_duration = ["accepted", "rejected", "unavailable"]
             .map(|o| request_duration.with_label_values(&[o]));
         Self {
@@ -154,6 +167,7 @@ impl Metrics {
             publish_errors,
             catalogue_reloads,
             catalogue_streams,
+            last_accepted,
         }
     }
 
@@ -181,6 +195,14 @@ impl Metrics {
         let mut text = Uuid::encode_buffer();
         let stream = stream.hyphenated().encode_lower(&mut text);
         self.requests.with_label_values(&[stream, "202"])
+    }
+
+    /// The stream's `stream_last_accepted_timestamp_seconds` gauge, resolved once per
+    /// catalogue version like [`Metrics::accepted_counter`].
+    pub fn last_accepted_gauge(&self, stream: &Uuid) -> IntGauge {
+        let mut text = Uuid::encode_buffer();
+        let stream = stream.hyphenated().encode_lower(&mut text);
+        self.last_accepted.with_label_values(&[stream])
     }
 
     pub fn published(&self, seconds: f64, payload_bytes: usize) {

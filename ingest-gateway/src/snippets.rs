@@ -4,18 +4,27 @@
 //! (and on connection errors). Secrets are never in a snippet: it reads `WEBHOOK_SECRET` from
 //! its environment. Nor is the destination table: snippets go to other companies' developers.
 //!
-//! Every snippet but C# is executed against a real gateway by `tests/tests/snippets.rs`.
+//! Each language's code is a template file in its own syntax under `ingest-gateway/snippets/`
+//! (compiled in with `include_str!`, rendered with minijinja); the header comment is added
+//! here. Every snippet but C# is executed against a real gateway by `tests/tests/snippets.rs`,
+//! without auth, with HMAC and with Standard Webhooks signatures.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use hookpipe_common::catalogue::{AuthSpec, SignatureEncoding, Stream};
+use minijinja::syntax::SyntaxConfig;
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, context};
 
 /// The example every snippet sends: an order status change, as form data.
 pub const EXAMPLE_BODY: &str = "orderId=N1&status=delivered&total=120.13&userId=U1";
 /// Its idempotency key: one key per order status change, so the same change sent twice (a
 /// retry, a resend) is one row.
 pub const EXAMPLE_KEY: &str = "N1-delivered";
+/// The idempotency header a snippet sends when its stream names none (the gateway's default
+/// `HOOKPIPE_IDEMPOTENCY_HEADER`).
+pub const DEFAULT_KEY_HEADER: &str = "Idempotency-Key";
 /// Where a snippet reads the stream's token or signing secret from.
 pub const SECRET_ENV: &str = "WEBHOOK_SECRET";
 
@@ -127,7 +136,10 @@ enum Auth {
         base64: bool,
         timestamp_header: Option<String>,
     },
-    /// A provider's own scheme that the provider signs (its library or its servers).
+    /// Signed as the Standard Webhooks specification says (a sender's own backend can do it,
+    /// as the SaaS products that follow it do).
+    StandardWebhooks,
+    /// A provider's own scheme that only the provider signs (Stripe).
     Provider(&'static str),
 }
 
@@ -156,18 +168,15 @@ impl Auth {
                 base64: true,
                 timestamp_header: None,
             },
-            Some(spec @ (AuthSpec::Stripe { .. } | AuthSpec::StandardWebhooks { .. })) => {
-                Auth::Provider(spec.kind())
-            }
+            Some(AuthSpec::StandardWebhooks { .. }) => Auth::StandardWebhooks,
+            Some(spec @ AuthSpec::Stripe { .. }) => Auth::Provider(spec.kind()),
         }
     }
 
     /// One line saying what the sender needs, for the snippet's header comment.
     fn note(&self) -> String {
         match self {
-            Auth::None | Auth::Provider(_) => {
-                "The stream has no auth: its URL is the secret; keep it private.".into()
-            }
+            Auth::None => "The stream has no auth: its URL is the secret; keep it private.".into(),
             Auth::Bearer => format!("Auth: bearer token, read from ${SECRET_ENV}."),
             Auth::Hmac {
                 header,
@@ -179,6 +188,95 @@ impl Auth {
             Auth::Hmac { header, .. } => format!(
                 "Auth: HMAC-SHA256 of the body in {header}; signing secret from ${SECRET_ENV}."
             ),
+            Auth::StandardWebhooks => format!(
+                "Auth: Standard Webhooks signature (webhook-id, webhook-timestamp, webhook-signature); the whsec_ secret from ${SECRET_ENV}."
+            ),
+            Auth::Provider(kind) => format!("Auth: {kind} signs these requests."),
+        }
+    }
+
+    /// The template's view of the rule: `kind` is none, bearer, hmac or standard-webhooks.
+    fn context(&self) -> minijinja::Value {
+        let (kind, header, prefix, base64, ts_header) = match self {
+            Auth::None | Auth::Provider(_) => ("none", "", "", false, None),
+            Auth::Bearer => ("bearer", "", "", false, None),
+            Auth::Hmac {
+                header,
+                prefix,
+                base64,
+                timestamp_header,
+            } => (
+                "hmac",
+                header.as_str(),
+                prefix.as_str(),
+                *base64,
+                timestamp_header.as_deref(),
+            ),
+            Auth::StandardWebhooks => ("standard-webhooks", "", "", false, None),
+        };
+        context! { kind, header, prefix, base64, ts_header }
+    }
+}
+
+/// The snippets' templates, one file per language in its own syntax (`ingest-gateway/snippets/`)
+/// so editors and linters see real code; rendered with minijinja. Block tags take their whole
+/// line (trim_blocks, lstrip_blocks) and an undefined name is an error, not an empty string.
+fn templates() -> &'static Environment<'static> {
+    static TEMPLATES: OnceLock<Environment<'static>> = OnceLock::new();
+    TEMPLATES.get_or_init(|| {
+        let mut env = Environment::new();
+        match SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(true)
+            .build()
+        {
+            Ok(syntax) => env.set_syntax(syntax),
+            Err(error) => panic!("snippet template syntax: {error}"),
+        }
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        for (name, source) in [
+            ("curl.sh", include_str!("../snippets/curl.sh")),
+            ("python.py", include_str!("../snippets/python.py")),
+            ("node.mjs", include_str!("../snippets/node.mjs")),
+            ("php.php", include_str!("../snippets/php.php")),
+            ("ruby.rb", include_str!("../snippets/ruby.rb")),
+            ("main.go", include_str!("../snippets/main.go")),
+            (
+                "SendWebhook.java",
+                include_str!("../snippets/SendWebhook.java"),
+            ),
+            ("Program.cs", include_str!("../snippets/Program.cs")),
+        ] {
+            // Every template is rendered for every auth kind by the unit tests.
+            if let Err(error) = env.add_template(name, source) {
+                panic!("snippet template {name}: {error}");
+            }
+        }
+        env
+    })
+}
+
+impl Lang {
+    /// The template this language renders (both Python flavours share one).
+    fn template(self) -> &'static str {
+        match self {
+            Lang::Curl => "curl.sh",
+            Lang::Python | Lang::PythonStdlib => "python.py",
+            Lang::Node => "node.mjs",
+            Lang::Php => "php.php",
+            Lang::Ruby => "ruby.rb",
+            Lang::Go => "main.go",
+            Lang::Java => "SendWebhook.java",
+            Lang::CSharp => "Program.cs",
+        }
+    }
+
+    fn comment_marker(self) -> &'static str {
+        match self {
+            Lang::Curl | Lang::Python | Lang::PythonStdlib | Lang::Ruby => "# ",
+            _ => "// ",
         }
     }
 }
@@ -188,30 +286,34 @@ impl Auth {
 pub fn snippet(lang: Lang, stream: &Stream, base_url: &str) -> String {
     let url = format!("{}/ds/{}", base_url.trim_end_matches('/'), stream.id);
     let auth = Auth::of(stream);
+    let marker = lang.comment_marker();
     if let Auth::Provider(kind) = auth {
-        return provider_note(lang, kind, &url);
+        let text = format!(
+            "Data stream endpoint: {url}\nThis stream checks {kind} signatures: the sender signs with its own library or\nservers (see the README's section on {kind}); give it the URL above and the signing secret."
+        );
+        return text.lines().map(|l| format!("{marker}{l}\n")).collect();
     }
+    let key_header = stream.idempotency_header().unwrap_or(DEFAULT_KEY_HEADER);
     let header = format!(
-        "Sends one webhook to data stream {}, {}.\n{}\nRetries on 429/503 after Retry-After and on connection errors, with the same Idempotency-Key,\nso a retry is never a second row. Exits non-zero unless the gateway answered 2xx.",
+        "Sends one webhook to data stream {}, {}.\n{}\nRetries on 429/503 after Retry-After and on connection errors, with the same {key_header},\nso a retry is never a second row. Exits non-zero unless the gateway answered 2xx.",
         stream.id,
         lang.label(),
         auth.note()
     );
-    let code = match lang {
-        Lang::Curl => curl(&url, &auth),
-        Lang::Python => python(&url, &auth, true),
-        Lang::PythonStdlib => python(&url, &auth, false),
-        Lang::Node => node(&url, &auth),
-        Lang::Php => php(&url, &auth),
-        Lang::Ruby => ruby(&url, &auth),
-        Lang::Go => go(&url, &auth),
-        Lang::Java => java(&url, &auth),
-        Lang::CSharp => csharp(&url, &auth),
-    };
-    let marker = match lang {
-        Lang::Curl | Lang::Python | Lang::PythonStdlib | Lang::Ruby => "# ",
-        _ => "// ",
-    };
+    let code = templates()
+        .get_template(lang.template())
+        .and_then(|template| {
+            template.render(context! {
+                url,
+                body => EXAMPLE_BODY,
+                key => EXAMPLE_KEY,
+                key_header,
+                secret_env => SECRET_ENV,
+                requests => lang == Lang::Python,
+                auth => auth.context(),
+            })
+        })
+        .unwrap_or_else(|error| panic!("snippet template {}: {error:#}", lang.template()));
     let comment: String = header.lines().map(|l| format!("{marker}{l}\n")).collect();
     match lang {
         // A shebang must stay first.
@@ -219,718 +321,6 @@ pub fn snippet(lang: Lang, stream: &Stream, base_url: &str) -> String {
         Lang::Php => format!("<?php\n{comment}{code}"),
         _ => format!("{comment}{code}"),
     }
-}
-
-/// A stream signed by a provider: what to set where, as a comment in the language.
-fn provider_note(lang: Lang, kind: &str, url: &str) -> String {
-    let text = format!(
-        "Data stream endpoint: {url}\nThis stream checks {kind} signatures: the sender signs with its own library or\nservers (see the README's section on {kind}); give it the URL above and the signing secret."
-    );
-    let marker = match lang {
-        Lang::Curl | Lang::Python | Lang::PythonStdlib | Lang::Ruby => "# ",
-        _ => "// ",
-    };
-    text.lines().map(|l| format!("{marker}{l}\n")).collect()
-}
-
-fn curl(url: &str, auth: &Auth) -> String {
-    let sign = |message: &str, base64: bool| {
-        if base64 {
-            format!(
-                "$(printf '%s' \"{message}\" | openssl dgst -sha256 -hmac \"$secret\" -binary | base64)"
-            )
-        } else {
-            format!(
-                "$(printf '%s' \"{message}\" | openssl dgst -sha256 -hmac \"$secret\" -hex | sed 's/^.* //')"
-            )
-        }
-    };
-    let auth_lines = match auth {
-        Auth::None | Auth::Provider(_) => "auth=()\n".to_owned(),
-        Auth::Bearer => format!(
-            "secret=\"${{{SECRET_ENV}:?set {SECRET_ENV}}}\"\nauth=(-H \"Authorization: Bearer $secret\")\n"
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header: Some(ts),
-        } => format!(
-            "secret=\"${{{SECRET_ENV}:?set {SECRET_ENV}}}\"\nts=$(date +%s)  # the signature covers it; valid for the stream's tolerance, retries included\nsig={}\nauth=(-H \"{ts}: $ts\" -H \"{header}: {prefix}$sig\")\n",
-            sign("$ts.$body", *base64)
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header: None,
-        } => format!(
-            "secret=\"${{{SECRET_ENV}:?set {SECRET_ENV}}}\"\nsig={}\nauth=(-H \"{header}: {prefix}$sig\")\n",
-            sign("$body", *base64)
-        ),
-    };
-    format!(
-        r#"set -euo pipefail
-
-url='{url}'
-body='{EXAMPLE_BODY}'
-key='{EXAMPLE_KEY}'  # one key per order status change
-{auth_lines}
-# --retry covers 429/503 (waiting Retry-After), 408 and timeouts; --fail-with-body makes
-# any other non-2xx answer an error.
-curl --silent --show-error --fail-with-body \
-  --retry 5 --retry-connrefused --retry-max-time 120 \
-  -H 'Content-Type: application/x-www-form-urlencoded' \
-  -H "Idempotency-Key: $key" \
-  "${{auth[@]}}" \
-  --data-binary "$body" \
-  "$url"
-echo
-"#
-    )
-}
-
-fn python(url: &str, auth: &Auth, requests: bool) -> String {
-    let secret = format!("SECRET = os.environ[\"{SECRET_ENV}\"]\n");
-    let (imports, secret_line, auth_fn) = match auth {
-        Auth::None | Auth::Provider(_) => (
-            "",
-            String::new(),
-            "def auth_headers():\n    return {}\n".to_owned(),
-        ),
-        Auth::Bearer => (
-            "",
-            secret,
-            "def auth_headers():\n    return {\"Authorization\": \"Bearer \" + SECRET}\n"
-                .to_owned(),
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let encode = if *base64 {
-                "base64.b64encode(mac.digest()).decode()"
-            } else {
-                "mac.hexdigest()"
-            };
-            let body = match timestamp_header {
-                Some(ts) => format!(
-                    "def auth_headers():\n    ts = str(int(time.time()))\n    mac = hmac.new(SECRET.encode(), (ts + \".\" + BODY).encode(), hashlib.sha256)\n    return {{\"{ts}\": ts, \"{header}\": \"{prefix}\" + {encode}}}\n"
-                ),
-                None => format!(
-                    "def auth_headers():\n    mac = hmac.new(SECRET.encode(), BODY.encode(), hashlib.sha256)\n    return {{\"{header}\": \"{prefix}\" + {encode}}}\n"
-                ),
-            };
-            (
-                if *base64 {
-                    "import base64\nimport hashlib\nimport hmac\n"
-                } else {
-                    "import hashlib\nimport hmac\n"
-                },
-                secret,
-                body,
-            )
-        }
-    };
-    let send = if requests {
-        r#"def send():
-    for attempt in range(6):
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "Idempotency-Key": IDEMPOTENCY_KEY,
-            **auth_headers(),
-        }
-        try:
-            r = requests.post(URL, data=BODY.encode(), headers=headers, timeout=10)
-        except requests.ConnectionError:
-            time.sleep(min(2 ** attempt, 30))
-            continue
-        if r.status_code in (429, 503):
-            time.sleep(int(r.headers.get("Retry-After", "1")))
-            continue
-        r.raise_for_status()  # any other non-2xx is an error
-        return r.json()["hit_id"]
-    raise RuntimeError("gave up after 6 attempts")
-"#
-    } else {
-        r#"def send():
-    for attempt in range(6):
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "Idempotency-Key": IDEMPOTENCY_KEY,
-            **auth_headers(),
-        }
-        request = urllib.request.Request(URL, data=BODY.encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as r:
-                return json.load(r)["hit_id"]
-        except urllib.error.HTTPError as e:
-            if e.code not in (429, 503):
-                raise  # any other non-2xx is an error
-            time.sleep(int(e.headers.get("Retry-After", "1")))
-        except urllib.error.URLError:
-            time.sleep(min(2 ** attempt, 30))
-    raise RuntimeError("gave up after 6 attempts")
-"#
-    };
-    let client_import = if requests {
-        "\nimport requests\n"
-    } else {
-        "import json\nimport urllib.error\nimport urllib.request\n"
-    };
-    let os = if matches!(auth, Auth::None) {
-        ""
-    } else {
-        "import os\n"
-    };
-    format!(
-        "{imports}{os}import time\n{client_import}\nURL = \"{url}\"\nBODY = \"{EXAMPLE_BODY}\"\nIDEMPOTENCY_KEY = \"{EXAMPLE_KEY}\"  # one key per order status change\n{secret_line}\n\n{auth_fn}\n\n{send}\n\nprint(send())\n"
-    )
-}
-
-fn node(url: &str, auth: &Auth) -> String {
-    let (import, secret, auth_fn) = match auth {
-        Auth::None | Auth::Provider(_) => (
-            "",
-            String::new(),
-            "function authHeaders() {\n  return {};\n}\n".to_owned(),
-        ),
-        Auth::Bearer => (
-            "",
-            format!("const SECRET = process.env.{SECRET_ENV};\n"),
-            "function authHeaders() {\n  return { Authorization: `Bearer ${SECRET}` };\n}\n"
-                .to_owned(),
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let enc = if *base64 { "base64" } else { "hex" };
-            let body = match timestamp_header {
-                Some(ts) => format!(
-                    "function authHeaders() {{\n  const ts = Math.floor(Date.now() / 1000).toString();\n  const sig = createHmac(\"sha256\", SECRET).update(`${{ts}}.${{BODY}}`).digest(\"{enc}\");\n  return {{ \"{ts}\": ts, \"{header}\": \"{prefix}\" + sig }};\n}}\n"
-                ),
-                None => format!(
-                    "function authHeaders() {{\n  const sig = createHmac(\"sha256\", SECRET).update(BODY).digest(\"{enc}\");\n  return {{ \"{header}\": \"{prefix}\" + sig }};\n}}\n"
-                ),
-            };
-            (
-                "import { createHmac } from \"node:crypto\";\n\n",
-                format!("const SECRET = process.env.{SECRET_ENV};\n"),
-                body,
-            )
-        }
-    };
-    format!(
-        r#"{import}const URL = "{url}";
-const BODY = "{EXAMPLE_BODY}";
-const IDEMPOTENCY_KEY = "{EXAMPLE_KEY}"; // one key per order status change
-{secret}
-{auth_fn}
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-async function send() {{
-  for (let attempt = 0; attempt < 6; attempt++) {{
-    let response;
-    try {{
-      response = await fetch(URL, {{
-        method: "POST",
-        headers: {{
-          "Content-Type": "application/x-www-form-urlencoded",
-          "Idempotency-Key": IDEMPOTENCY_KEY,
-          ...authHeaders(),
-        }},
-        body: BODY,
-        signal: AbortSignal.timeout(10_000),
-      }});
-    }} catch (error) {{
-      await sleep(Math.min(2 ** attempt, 30) * 1000); // connection error or timeout
-      continue;
-    }}
-    if (response.status === 429 || response.status === 503) {{
-      await sleep(Number(response.headers.get("Retry-After") ?? "1") * 1000);
-      continue;
-    }}
-    if (!response.ok) {{
-      throw new Error(`webhook refused: ${{response.status}} ${{await response.text()}}`);
-    }}
-    return (await response.json()).hit_id;
-  }}
-  throw new Error("gave up after 6 attempts");
-}}
-
-console.log(await send());
-"#
-    )
-}
-
-fn php(url: &str, auth: &Auth) -> String {
-    let auth_fn = match auth {
-        Auth::None | Auth::Provider(_) => {
-            "function auth_headers(): array\n{\n    return [];\n}\n".to_owned()
-        }
-        Auth::Bearer => format!(
-            "function auth_headers(): array\n{{\n    return ['Authorization: Bearer ' . getenv('{SECRET_ENV}')];\n}}\n"
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let sig = |msg: &str| {
-                if *base64 {
-                    format!(
-                        "base64_encode(hash_hmac('sha256', {msg}, getenv('{SECRET_ENV}'), true))"
-                    )
-                } else {
-                    format!("hash_hmac('sha256', {msg}, getenv('{SECRET_ENV}'))")
-                }
-            };
-            match timestamp_header {
-                Some(ts) => format!(
-                    "function auth_headers(): array\n{{\n    $ts = (string) time();\n    $sig = {};\n    return [\"{ts}: $ts\", \"{header}: {prefix}$sig\"];\n}}\n",
-                    sig("$ts . '.' . BODY")
-                ),
-                None => format!(
-                    "function auth_headers(): array\n{{\n    $sig = {};\n    return [\"{header}: {prefix}$sig\"];\n}}\n",
-                    sig("BODY")
-                ),
-            }
-        }
-    };
-    format!(
-        r#"
-const URL = '{url}';
-const BODY = '{EXAMPLE_BODY}';
-const IDEMPOTENCY_KEY = '{EXAMPLE_KEY}'; // one key per order status change
-
-{auth_fn}
-function send(): string
-{{
-    for ($attempt = 0; $attempt < 6; $attempt++) {{
-        $retryAfter = 1;
-        $ch = curl_init(URL);
-        curl_setopt_array($ch, [
-            CURLOPT_POST => true,
-            CURLOPT_POSTFIELDS => BODY,
-            CURLOPT_RETURNTRANSFER => true,
-            CURLOPT_TIMEOUT => 10,
-            CURLOPT_HTTPHEADER => array_merge([
-                'Content-Type: application/x-www-form-urlencoded',
-                'Idempotency-Key: ' . IDEMPOTENCY_KEY,
-            ], auth_headers()),
-            CURLOPT_HEADERFUNCTION => function ($ch, $line) use (&$retryAfter) {{
-                if (stripos($line, 'Retry-After:') === 0) {{
-                    $retryAfter = (int) trim(substr($line, 12));
-                }}
-                return strlen($line);
-            }},
-        ]);
-        $body = curl_exec($ch);
-        $status = curl_getinfo($ch, CURLINFO_RESPONSE_CODE);
-        curl_close($ch);
-        if ($body === false) {{ // connection error or timeout
-            sleep(min(2 ** $attempt, 30));
-            continue;
-        }}
-        if ($status === 429 || $status === 503) {{
-            sleep(max($retryAfter, 1));
-            continue;
-        }}
-        if ($status < 200 || $status >= 300) {{
-            throw new RuntimeException("webhook refused: $status $body");
-        }}
-        return json_decode($body, true)['hit_id'];
-    }}
-    throw new RuntimeException('gave up after 6 attempts');
-}}
-
-echo send(), PHP_EOL;
-"#
-    )
-}
-
-fn ruby(url: &str, auth: &Auth) -> String {
-    let (requires, auth_fn) = match auth {
-        Auth::None | Auth::Provider(_) => ("", "def auth_headers\n  {}\nend\n".to_owned()),
-        Auth::Bearer => (
-            "",
-            format!(
-                "def auth_headers\n  {{ 'Authorization' => \"Bearer #{{ENV.fetch('{SECRET_ENV}')}}\" }}\nend\n"
-            ),
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let sig = |msg: &str| {
-                if *base64 {
-                    format!(
-                        "Base64.strict_encode64(OpenSSL::HMAC.digest('SHA256', ENV.fetch('{SECRET_ENV}'), {msg}))"
-                    )
-                } else {
-                    format!("OpenSSL::HMAC.hexdigest('SHA256', ENV.fetch('{SECRET_ENV}'), {msg})")
-                }
-            };
-            let body = match timestamp_header {
-                Some(ts) => format!(
-                    "def auth_headers\n  ts = Time.now.to_i.to_s\n  {{ '{ts}' => ts, '{header}' => '{prefix}' + {} }}\nend\n",
-                    sig("\"#{ts}.#{BODY}\"")
-                ),
-                None => format!(
-                    "def auth_headers\n  {{ '{header}' => '{prefix}' + {} }}\nend\n",
-                    sig("BODY")
-                ),
-            };
-            (
-                if *base64 {
-                    "require 'base64'\nrequire 'openssl'\n"
-                } else {
-                    "require 'openssl'\n"
-                },
-                body,
-            )
-        }
-    };
-    format!(
-        r#"{requires}require 'json'
-require 'net/http'
-
-URL = URI('{url}')
-BODY = '{EXAMPLE_BODY}'
-IDEMPOTENCY_KEY = '{EXAMPLE_KEY}' # one key per order status change
-
-{auth_fn}
-def send_webhook
-  6.times do |attempt|
-    headers = {{
-      'Content-Type' => 'application/x-www-form-urlencoded',
-      'Idempotency-Key' => IDEMPOTENCY_KEY
-    }}.merge(auth_headers)
-    begin
-      response = Net::HTTP.start(URL.host, URL.port, use_ssl: URL.scheme == 'https',
-                                 open_timeout: 10, read_timeout: 10) do |http|
-        http.post(URL.request_uri, BODY, headers)
-      end
-    rescue SystemCallError, IOError, Timeout::Error
-      sleep([2**attempt, 30].min) # connection error or timeout
-      next
-    end
-    if %w[429 503].include?(response.code)
-      sleep((response['Retry-After'] || '1').to_i)
-      next
-    end
-    raise "webhook refused: #{{response.code}} #{{response.body}}" unless response.is_a?(Net::HTTPSuccess)
-
-    return JSON.parse(response.body)['hit_id']
-  end
-  raise 'gave up after 6 attempts'
-end
-
-puts send_webhook
-"#
-    )
-}
-
-fn go(url: &str, auth: &Auth) -> String {
-    let (imports, auth_fn) = match auth {
-        Auth::None | Auth::Provider(_) => {
-            (vec![], "func setAuth(req *http.Request) {}\n".to_owned())
-        }
-        Auth::Bearer => (
-            vec!["\"os\""],
-            format!(
-                "func setAuth(req *http.Request) {{\n\treq.Header.Set(\"Authorization\", \"Bearer \"+os.Getenv(\"{SECRET_ENV}\"))\n}}\n"
-            ),
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let mut imports = vec!["\"crypto/hmac\"", "\"crypto/sha256\"", "\"os\""];
-            let encode = if *base64 {
-                imports.push("\"encoding/base64\"");
-                "base64.StdEncoding.EncodeToString(mac.Sum(nil))"
-            } else {
-                imports.push("\"encoding/hex\"");
-                "hex.EncodeToString(mac.Sum(nil))"
-            };
-            let body = match timestamp_header {
-                Some(ts) => {
-                    imports.push("\"strconv\"");
-                    format!(
-                        "func setAuth(req *http.Request) {{\n\tts := strconv.FormatInt(time.Now().Unix(), 10)\n\tmac := hmac.New(sha256.New, []byte(os.Getenv(\"{SECRET_ENV}\")))\n\tmac.Write([]byte(ts + \".\" + body))\n\treq.Header.Set(\"{ts}\", ts)\n\treq.Header.Set(\"{header}\", \"{prefix}\"+{encode})\n}}\n"
-                    )
-                }
-                None => format!(
-                    "func setAuth(req *http.Request) {{\n\tmac := hmac.New(sha256.New, []byte(os.Getenv(\"{SECRET_ENV}\")))\n\tmac.Write([]byte(body))\n\treq.Header.Set(\"{header}\", \"{prefix}\"+{encode})\n}}\n"
-                ),
-            };
-            (imports, body)
-        }
-    };
-    let mut all = vec![
-        "\"encoding/json\"",
-        "\"fmt\"",
-        "\"io\"",
-        "\"net/http\"",
-        "\"strconv\"",
-        "\"strings\"",
-        "\"time\"",
-    ];
-    all.extend(imports);
-    all.sort_unstable();
-    all.dedup();
-    let imports: String = all.iter().map(|i| format!("\t{i}\n")).collect();
-    format!(
-        r#"package main
-
-import (
-{imports})
-
-const (
-	url            = "{url}"
-	body           = "{EXAMPLE_BODY}"
-	idempotencyKey = "{EXAMPLE_KEY}" // one key per order status change
-)
-
-{auth_fn}
-func send(client *http.Client) (string, error) {{
-	for attempt := 0; attempt < 6; attempt++ {{
-		req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
-		if err != nil {{
-			return "", err
-		}}
-		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-		req.Header.Set("Idempotency-Key", idempotencyKey)
-		setAuth(req)
-		resp, err := client.Do(req)
-		if err != nil {{ // connection error or timeout
-			time.Sleep(time.Duration(min(1<<attempt, 30)) * time.Second)
-			continue
-		}}
-		answer, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode == 429 || resp.StatusCode == 503 {{
-			wait, err := strconv.Atoi(resp.Header.Get("Retry-After"))
-			if err != nil || wait < 1 {{
-				wait = 1
-			}}
-			time.Sleep(time.Duration(wait) * time.Second)
-			continue
-		}}
-		if resp.StatusCode < 200 || resp.StatusCode > 299 {{
-			return "", fmt.Errorf("webhook refused: %d %s", resp.StatusCode, answer)
-		}}
-		var accepted struct {{
-			HitID string `json:"hit_id"`
-		}}
-		if err := json.Unmarshal(answer, &accepted); err != nil {{
-			return "", err
-		}}
-		return accepted.HitID, nil
-	}}
-	return "", fmt.Errorf("gave up after 6 attempts")
-}}
-
-func min(a, b int) int {{
-	if a < b {{
-		return a
-	}}
-	return b
-}}
-
-func main() {{
-	hitID, err := send(&http.Client{{Timeout: 10 * time.Second}})
-	if err != nil {{
-		panic(err)
-	}}
-	fmt.Println(hitID)
-}}
-"#
-    )
-}
-
-fn java(url: &str, auth: &Auth) -> String {
-    let auth_fn = match auth {
-        Auth::None | Auth::Provider(_) => {
-            "    static void auth(HttpRequest.Builder request) {}\n".to_owned()
-        }
-        Auth::Bearer => format!(
-            "    static void auth(HttpRequest.Builder request) {{\n        request.header(\"Authorization\", \"Bearer \" + System.getenv(\"{SECRET_ENV}\"));\n    }}\n"
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let encode = if *base64 {
-                "java.util.Base64.getEncoder().encodeToString(digest)"
-            } else {
-                "java.util.HexFormat.of().formatHex(digest)"
-            };
-            let (message, ts_line) = match timestamp_header {
-                Some(ts) => (
-                    "ts + \".\" + BODY",
-                    format!(
-                        "        String ts = Long.toString(System.currentTimeMillis() / 1000);\n        request.header(\"{ts}\", ts);\n"
-                    ),
-                ),
-                None => ("BODY", String::new()),
-            };
-            format!(
-                "    static void auth(HttpRequest.Builder request) throws Exception {{\n{ts_line}        Mac mac = Mac.getInstance(\"HmacSHA256\");\n        mac.init(new SecretKeySpec(System.getenv(\"{SECRET_ENV}\").getBytes(StandardCharsets.UTF_8), \"HmacSHA256\"));\n        byte[] digest = mac.doFinal(({message}).getBytes(StandardCharsets.UTF_8));\n        request.header(\"{header}\", \"{prefix}\" + {encode});\n    }}\n"
-            )
-        }
-    };
-    format!(
-        r#"import java.net.URI;
-import java.net.http.HttpClient;
-import java.net.http.HttpRequest;
-import java.net.http.HttpResponse;
-import java.nio.charset.StandardCharsets;
-import java.time.Duration;
-import javax.crypto.Mac;
-import javax.crypto.spec.SecretKeySpec;
-
-public class SendWebhook {{
-    static final String URL = "{url}";
-    static final String BODY = "{EXAMPLE_BODY}";
-    static final String IDEMPOTENCY_KEY = "{EXAMPLE_KEY}"; // one key per order status change
-
-{auth_fn}
-    static String send(HttpClient client) throws Exception {{
-        for (int attempt = 0; attempt < 6; attempt++) {{
-            HttpRequest.Builder request = HttpRequest.newBuilder(URI.create(URL))
-                .timeout(Duration.ofSeconds(10))
-                .header("Content-Type", "application/x-www-form-urlencoded")
-                .header("Idempotency-Key", IDEMPOTENCY_KEY)
-                .POST(HttpRequest.BodyPublishers.ofString(BODY));
-            auth(request);
-            HttpResponse<String> response;
-            try {{
-                response = client.send(request.build(), HttpResponse.BodyHandlers.ofString());
-            }} catch (java.io.IOException e) {{ // connection error or timeout
-                Thread.sleep(Math.min(1L << attempt, 30) * 1000);
-                continue;
-            }}
-            int status = response.statusCode();
-            if (status == 429 || status == 503) {{
-                long wait = response.headers().firstValue("Retry-After").map(Long::parseLong).orElse(1L);
-                Thread.sleep(Math.max(wait, 1) * 1000);
-                continue;
-            }}
-            if (status < 200 || status > 299) {{
-                throw new IllegalStateException("webhook refused: " + status + " " + response.body());
-            }}
-            return response.body().replaceAll(".*\"hit_id\"\\s*:\\s*\"([^\"]+)\".*", "$1");
-        }}
-        throw new IllegalStateException("gave up after 6 attempts");
-    }}
-
-    public static void main(String[] args) throws Exception {{
-        HttpClient client = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(10)).build();
-        System.out.println(send(client));
-    }}
-}}
-"#
-    )
-}
-
-fn csharp(url: &str, auth: &Auth) -> String {
-    let auth_fn = match auth {
-        Auth::None | Auth::Provider(_) => {
-            "static void Auth(HttpRequestMessage request) { }\n".to_owned()
-        }
-        Auth::Bearer => format!(
-            "static void Auth(HttpRequestMessage request) =>\n    request.Headers.TryAddWithoutValidation(\"Authorization\", \"Bearer \" + Environment.GetEnvironmentVariable(\"{SECRET_ENV}\"));\n"
-        ),
-        Auth::Hmac {
-            header,
-            prefix,
-            base64,
-            timestamp_header,
-        } => {
-            let encode = if *base64 {
-                "Convert.ToBase64String(digest)"
-            } else {
-                "Convert.ToHexString(digest).ToLowerInvariant()"
-            };
-            let (message, ts_line) = match timestamp_header {
-                Some(ts) => (
-                    "ts + \".\" + Body",
-                    format!(
-                        "    var ts = DateTimeOffset.UtcNow.ToUnixTimeSeconds().ToString();\n    request.Headers.TryAddWithoutValidation(\"{ts}\", ts);\n"
-                    ),
-                ),
-                None => ("Body", String::new()),
-            };
-            format!(
-                "static void Auth(HttpRequestMessage request)\n{{\n{ts_line}    using var hmac = new HMACSHA256(Encoding.UTF8.GetBytes(Environment.GetEnvironmentVariable(\"{SECRET_ENV}\")!));\n    var digest = hmac.ComputeHash(Encoding.UTF8.GetBytes({message}));\n    request.Headers.TryAddWithoutValidation(\"{header}\", \"{prefix}\" + {encode});\n}}\n"
-            )
-        }
-    };
-    format!(
-        r#"using System.Net;
-using System.Security.Cryptography;
-using System.Text;
-using System.Text.Json;
-
-const string Url = "{url}";
-const string Body = "{EXAMPLE_BODY}";
-const string IdempotencyKey = "{EXAMPLE_KEY}"; // one key per order status change
-
-using var client = new HttpClient {{ Timeout = TimeSpan.FromSeconds(10) }};
-Console.WriteLine(await Send(client));
-
-{auth_fn}
-static async Task<string> Send(HttpClient client)
-{{
-    for (var attempt = 0; attempt < 6; attempt++)
-    {{
-        using var request = new HttpRequestMessage(HttpMethod.Post, Url)
-        {{
-            Content = new StringContent(Body, Encoding.UTF8, "application/x-www-form-urlencoded"),
-        }};
-        request.Headers.Add("Idempotency-Key", IdempotencyKey);
-        Auth(request);
-        HttpResponseMessage response;
-        try
-        {{
-            response = await client.SendAsync(request);
-        }}
-        catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
-        {{
-            await Task.Delay(TimeSpan.FromSeconds(Math.Min(1 << attempt, 30))); // connection error or timeout
-            continue;
-        }}
-        var answer = await response.Content.ReadAsStringAsync();
-        if (response.StatusCode is HttpStatusCode.TooManyRequests or HttpStatusCode.ServiceUnavailable)
-        {{
-            var wait = response.Headers.RetryAfter?.Delta ?? TimeSpan.FromSeconds(1);
-            await Task.Delay(wait);
-            continue;
-        }}
-        if (!response.IsSuccessStatusCode)
-        {{
-            throw new InvalidOperationException($"webhook refused: {{(int)response.StatusCode}} {{answer}}");
-        }}
-        return JsonDocument.Parse(answer).RootElement.GetProperty("hit_id").GetString()!;
-    }}
-    throw new InvalidOperationException("gave up after 6 attempts");
-}}
-"#
-    )
 }
 
 #[cfg(test)]
@@ -956,30 +346,22 @@ mod tests {
     table: p.d.signed64
     timezone: UTC
     auth: {type: hmac-sha256, encoding: base64, secrets: [{file: /s}]}
+  - id: 1d2c3b4a-5e6f-4a7b-8c9d-0e1f2a3b4c5d
+    table: p.d.standard
+    timezone: UTC
+    auth: {type: standard-webhooks, secrets: [{env: W}]}
+  - id: 3f4e5d6c-7a8b-4c9d-8e1f-2a3b4c5d6e7f
+    table: p.d.github
+    timezone: UTC
+    auth: {type: github, secrets: [{env: G}]}
+  - id: 4a5f6e7d-8b9c-4d0e-9f2a-3b4c5d6e7f8a
+    table: p.d.shopify
+    timezone: UTC
+    idempotency_header: X-Order-Change
+    auth: {type: shopify, secrets: [{env: H}]}
 ",
         )
         .unwrap()
-    }
-
-    #[test]
-    fn zz_dump() {
-        let Ok(dir) = std::env::var("SNIPPET_DUMP") else {
-            return;
-        };
-        std::fs::create_dir_all(&dir).unwrap();
-        for stream in streams().streams() {
-            for lang in Lang::ALL {
-                let code = snippet(lang, stream, "https://hooks.example.com/");
-                std::fs::write(
-                    format!(
-                        "{dir}/{}-{lang}",
-                        stream.table.to_string().replace('.', "_")
-                    ),
-                    code,
-                )
-                .unwrap();
-            }
-        }
     }
 
     #[test]
@@ -998,7 +380,8 @@ mod tests {
                     "{what}: the table is internal"
                 );
                 assert!(code.contains(EXAMPLE_KEY), "{what}: key");
-                assert!(code.contains("Idempotency-Key"), "{what}: key header");
+                let key_header = stream.idempotency_header().unwrap_or(DEFAULT_KEY_HEADER);
+                assert!(code.contains(key_header), "{what}: key header {key_header}");
                 assert!(
                     code.contains("application/x-www-form-urlencoded"),
                     "{what}: content type"
@@ -1023,9 +406,50 @@ mod tests {
                         }
                         assert!(code.contains(SECRET_ENV), "{what}: secret from env");
                     }
+                    Some(AuthSpec::StandardWebhooks { .. }) => {
+                        assert_eq!(key_header, "webhook-id", "{what}");
+                        for needle in ["webhook-timestamp", "webhook-signature", "whsec_", "v1,"] {
+                            assert!(code.contains(needle), "{what}: {needle}");
+                        }
+                        assert!(code.contains(SECRET_ENV), "{what}: secret from env");
+                    }
+                    Some(AuthSpec::GitHub { .. }) => {
+                        assert_eq!(key_header, "X-GitHub-Delivery", "{what}");
+                        assert!(code.contains("X-Hub-Signature-256"), "{what}");
+                        assert!(code.contains("sha256="), "{what}");
+                    }
+                    Some(AuthSpec::Shopify { .. }) => {
+                        assert_eq!(key_header, "X-Order-Change", "{what}: the stream's own");
+                        assert!(code.contains("X-Shopify-Hmac-Sha256"), "{what}");
+                    }
                     Some(other) => panic!("{what}: no test catalogue stream is {}", other.kind()),
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_stripe_stream_gets_where_to_point_stripe_not_code() {
+        let catalogue = Catalogue::from_yaml(
+            "streams:
+  - id: 2e3d4c5b-6f7a-4b8c-9d0e-1f2a3b4c5d6e
+    table: p.d.stripe
+    timezone: UTC
+    auth: {type: stripe, secrets: [{env: S}]}
+",
+        )
+        .unwrap();
+        let stream = catalogue.streams().next().unwrap();
+        for lang in Lang::ALL {
+            let text = snippet(lang, stream, "https://hooks.example.com");
+            assert!(
+                text.contains("https://hooks.example.com/ds/2e3d4c5b-6f7a-4b8c-9d0e-1f2a3b4c5d6e")
+            );
+            assert!(text.contains("stripe signatures"), "{text}");
+            assert!(
+                text.lines().all(|l| l.starts_with(lang.comment_marker())),
+                "{text}"
+            );
         }
     }
 

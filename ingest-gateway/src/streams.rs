@@ -67,6 +67,11 @@ pub enum AuthKind {
     None,
     Bearer,
     Hmac,
+    /// A sender following the Standard Webhooks specification (Svix and others).
+    StandardWebhooks,
+    Stripe,
+    Github,
+    Shopify,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -182,9 +187,21 @@ pub fn new_entry(args: &NewArgs, id: Uuid) -> Result<String, String> {
             }
             let _ = writeln!(entry, "      secrets: [{secret}]");
         }
+        provider => {
+            let kind = match provider {
+                AuthKind::StandardWebhooks => "standard-webhooks",
+                AuthKind::Stripe => "stripe",
+                AuthKind::Github => "github",
+                _ => "shopify",
+            };
+            let _ = write!(
+                entry,
+                "    auth:\n      type: {kind}\n      secrets: [{secret}]\n"
+            );
+        }
     }
     if args.auth == AuthKind::None && (args.secret_env.is_some() || args.secret_file.is_some()) {
-        return Err("--secret-env/--secret-file need --auth bearer or --auth hmac".into());
+        return Err("--secret-env/--secret-file need an --auth other than none".into());
     }
     Catalogue::from_yaml(&format!("streams:\n{entry}")).map_err(|e| e.to_string())?;
     Ok(entry)

@@ -1,6 +1,6 @@
 //! Provider signatures (issue #16), on the real broker and emulator: requests signed by the
 //! providers' own libraries (Standard Webhooks, Svix, Stripe, GitHub's Octokit; Shopify's
-//! documented recipe with node:crypto), run through tests/providers/sign.mjs, against a
+//! documented recipe with node:crypto), run through tests/node/sign.mjs, against a
 //! gateway whose catalogue uses each `auth.type`. Checks accept, wrong secret, tampered body,
 //! stale timestamp, a rotated secret (a secret file's new content, no catalogue edit), the
 //! providers' delivery ids as idempotency keys (a redelivery is one row), a replayed keyless
@@ -36,10 +36,11 @@ fn req(scheme: &str, secret: &str, body: &str, timestamp: i64, id: &str) -> Valu
     json!({"scheme": scheme, "secret": secret, "body": body, "timestamp": timestamp, "id": id})
 }
 
-/// Headers for each request, made by tests/providers/sign.mjs with the providers' libraries.
+/// Headers for each request, made by tests/node/sign.mjs with the providers' libraries.
 fn sign(requests: &[Value]) -> Vec<HeaderMap> {
-    let signer = std::env::var("HOOKPIPE_TEST_PROVIDER_SIGNER")
-        .expect("HOOKPIPE_TEST_PROVIDER_SIGNER (set by scripts/test: ensure_provider_libs)");
+    let tools = std::env::var("HOOKPIPE_TEST_NODE_TOOLS")
+        .expect("HOOKPIPE_TEST_NODE_TOOLS (set by scripts/test: ensure_node_test_tools)");
+    let signer = std::path::Path::new(&tools).join("sign.mjs");
     let mut child = std::process::Command::new("node")
         .arg(&signer)
         .stdin(std::process::Stdio::piped())

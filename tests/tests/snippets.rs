@@ -1,8 +1,9 @@
 //! Integration snippets (issue #7), run for real: for every language whose runtime is on the
 //! machine (`scripts/test` installs them: curl, Python, Node.js, PHP, Ruby, Go, Java), the
 //! snippet served by the gateway's admin port is saved and executed against the running
-//! gateway, once for a stream without auth and once for a stream with HMAC signatures; the
-//! row each run made must be in the table with the example payload byte for byte. The C#
+//! gateway, once for a stream without auth, once for a stream with HMAC signatures and once
+//! for a Standard Webhooks stream; the row each run made must be in the table with the example
+//! payload byte for byte. The C#
 //! snippet cannot run here and is checked for the same URL, headers and auth as the others.
 
 #![allow(clippy::unwrap_used)]
@@ -16,6 +17,8 @@ use hookpipe_tests::{Wiring, eventually, query, repo_root, unique};
 const EXAMPLE_BODY: &str = "orderId=N1&status=delivered&total=120.13&userId=U1";
 const EXAMPLE_KEY: &str = "N1-delivered";
 const SECRET: &str = "snippet-test-signing-secret";
+/// The Standard Webhooks stream's secret: `whsec_` + base64 of the key.
+const SW_SECRET: &str = "whsec_c25pcHBldC10ZXN0LXN0YW5kYXJkLXdlYmhvb2tz";
 
 /// Languages run here, with the command that runs a saved snippet.
 fn runnable() -> Vec<(&'static str, Vec<String>)> {
@@ -44,6 +47,7 @@ async fn run_snippet(
     dir: PathBuf,
     file: String,
     code: Vec<u8>,
+    secret: &'static str,
 ) -> std::process::Output {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(&file), code).unwrap();
@@ -53,7 +57,7 @@ async fn run_snippet(
             .args(&command[1..])
             .arg(&file)
             .current_dir(&dir)
-            .env("WEBHOOK_SECRET", SECRET)
+            .env("WEBHOOK_SECRET", secret)
             .env("GOCACHE", repo_root().join("target/go-cache"))
             .output()
             .unwrap()
@@ -77,18 +81,23 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
     let languages = runnable();
     let dataset = unique("snippets");
     let table = format!("local-project.{dataset}.orders");
-    // Two streams per language: open, and HMAC.
+    // Three streams per language: open, HMAC, and Standard Webhooks.
     let mut streams = Vec::new();
     let mut text = String::from("streams:\n");
     for (i, (lang, _)) in languages.iter().enumerate() {
-        for signed in [false, true] {
+        for kind in ["open", "hmac", "standard-webhooks"] {
             let id = uuid::Uuid::new_v4();
+            let auth = match kind {
+                "hmac" => hmac_auth(i),
+                "standard-webhooks" => {
+                    "    auth:\n      type: standard-webhooks\n      secrets: [{env: SNIPPET_SW_SECRET}]\n"
+                }
+                _ => "",
+            };
             text.push_str(&format!(
-                "  - id: {id}\n    name: \"{lang} {}\"\n    table: {table}\n    timezone: Europe/Madrid\n{}",
-                if signed { "signed" } else { "open" },
-                if signed { hmac_auth(i) } else { "" }
+                "  - id: {id}\n    name: \"{lang} {kind}\"\n    table: {table}\n    timezone: Europe/Madrid\n{auth}"
             ));
-            streams.push((*lang, signed, id));
+            streams.push((*lang, kind, id));
         }
     }
     let csharp_stream = uuid::Uuid::new_v4();
@@ -102,7 +111,9 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
     std::fs::write(&catalogue, &text).unwrap();
 
     let wiring = Wiring::new(catalogue.clone(), 2).await;
-    let gateway = wiring.gateway(&[("SNIPPET_SECRET", SECRET)]).await;
+    let gateway = wiring
+        .gateway(&[("SNIPPET_SECRET", SECRET), ("SNIPPET_SW_SECRET", SW_SECRET)])
+        .await;
     let _sink = wiring.sink(&[("HOOKPIPE_BATCH_MAX_AGE", "200ms")]).await;
     let client = reqwest::Client::new();
 
@@ -122,7 +133,7 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
 
     let mut expected = Vec::new();
     let mut failures = Vec::new();
-    for (lang, signed, id) in &streams {
+    for (lang, kind, id) in &streams {
         let code = client
             .get(format!(
                 "{}/streams/{id}/snippet?lang={lang}",
@@ -141,15 +152,26 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
             .to_owned();
         let code = code.text().await.unwrap();
         let command = &languages.iter().find(|(l, _)| l == lang).unwrap().1;
-        let run_dir = dir.join(format!("{lang}-{signed}"));
-        let output = run_snippet(command, run_dir, file_name, code.clone().into_bytes()).await;
+        let run_dir = dir.join(format!("{lang}-{kind}"));
+        let secret = if *kind == "standard-webhooks" {
+            SW_SECRET
+        } else {
+            SECRET
+        };
+        let output = run_snippet(
+            command,
+            run_dir,
+            file_name,
+            code.clone().into_bytes(),
+            secret,
+        )
+        .await;
         let hit_id = uuid::Uuid::new_v5(id, EXAMPLE_KEY.as_bytes()).to_string();
         let stdout = String::from_utf8_lossy(&output.stdout);
         // Each prints the hit_id (curl prints the gateway's JSON answer, which holds it).
         if !output.status.success() || !stdout.contains(&hit_id) {
             failures.push(format!(
-                "{lang} ({}): exit {:?}, printed {:?}, expected {hit_id}\n{}\n--- snippet ---\n{code}",
-                if *signed { "hmac" } else { "no auth" },
+                "{lang} ({kind}): exit {:?}, printed {:?}, expected {hit_id}\n{}\n--- snippet ---\n{code}",
                 output.status.code(),
                 stdout.trim(),
                 String::from_utf8_lossy(&output.stderr)
@@ -348,7 +370,14 @@ async fn every_snippet_retries_a_503_after_retry_after_with_the_same_key() {
             _ => "snippet",
         };
         let command = &languages.iter().find(|(l, _)| l == lang).unwrap().1;
-        let output = run_snippet(command, dir.join(lang), file.to_owned(), code.stdout).await;
+        let output = run_snippet(
+            command,
+            dir.join(lang),
+            file.to_owned(),
+            code.stdout,
+            SECRET,
+        )
+        .await;
         let path = format!("/ds/{id}");
         let requests: Vec<Seen> = seen
             .lock()
