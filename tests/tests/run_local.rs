@@ -43,7 +43,11 @@ impl RunLocal {
             .unwrap();
         // Its own process group, like a terminal's foreground job, so that "Ctrl-C" (SIGINT to
         // the group) reaches the script and whatever it did not put in groups of their own.
-        let child = Command::new("setsid")
+        // SIGINT and SIGQUIT back to their defaults first (coreutils `env`): a test run started
+        // as a background job of a non-interactive shell inherits them ignored, and a shell
+        // cannot trap a signal that was ignored when it started, so Ctrl-C would do nothing.
+        let child = Command::new("env")
+            .args(["--default-signal=INT,QUIT", "setsid"])
             .arg(repo_root().join("scripts/run-local"))
             .env("HOOKPIPE_LOCAL_PORT_OFFSET", OFFSET.to_string())
             .env("HOOKPIPE_NO_BUILD", "1")
@@ -76,11 +80,22 @@ impl RunLocal {
 }
 
 impl Drop for RunLocal {
+    /// After a failed assertion too: Ctrl-C, then SIGKILL to the group if the script has not
+    /// stopped within 60 s, so a failing test ends instead of waiting for ever.
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            signal_group("INT", self.child.id());
-            let _ = self.child.wait();
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
         }
+        signal_group("INT", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        signal_group("KILL", self.child.id());
+        let _ = self.child.wait();
     }
 }
 
