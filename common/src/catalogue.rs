@@ -482,7 +482,6 @@ fn validate_auth(raw: RawAuth) -> Result<AuthSpec, (&'static str, String)> {
         }
         Ok(())
     };
-    let header_ok = is_header_name;
     let tolerance = |seconds: Option<u64>| match seconds {
         Some(0) => Err(("tolerance_seconds", "must be at least 1".to_owned())),
         Some(s) => Ok(Duration::from_secs(s)),
@@ -531,14 +530,14 @@ fn validate_auth(raw: RawAuth) -> Result<AuthSpec, (&'static str, String)> {
         } => {
             check_secrets(&secrets)?;
             let header = header.unwrap_or_else(|| DEFAULT_SIGNATURE_HEADER.to_owned());
-            if !header_ok(&header) {
+            if !is_header_name(&header) {
                 return Err((
                     "header",
                     format!("`{header}` is not a valid HTTP header name"),
                 ));
             }
             if let Some(ts) = &timestamp_header
-                && !header_ok(ts)
+                && !is_header_name(ts)
             {
                 return Err((
                     "timestamp_header",
@@ -982,6 +981,75 @@ streams:
             p[0].contains("auth.tolerance_seconds: only applies"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn provider_schemes_parse_with_their_delivery_id_headers() {
+        let stream = |auth: &str, extra: &str| {
+            let c = Catalogue::from_yaml(&one_stream(&format!(
+                "    table: p.d.t\n    timezone: UTC\n{extra}    auth: {auth}\n"
+            )))
+            .unwrap();
+            c.streams().next().unwrap().clone()
+        };
+        let sw = stream(
+            "{type: standard-webhooks, tolerance_seconds: 60, secrets: [{env: A}]}",
+            "",
+        );
+        assert_eq!(
+            sw.auth,
+            Some(AuthSpec::StandardWebhooks {
+                tolerance: Duration::from_secs(60),
+                secrets: vec![SecretRef {
+                    env: Some("A".into()),
+                    file: None
+                }],
+            })
+        );
+        assert_eq!(sw.idempotency_header(), Some("webhook-id"));
+        let stripe = stream("{type: stripe, secrets: [{env: A}]}", "");
+        assert_eq!(stripe.idempotency_header(), None, "the global header");
+        assert!(
+            matches!(stripe.auth, Some(AuthSpec::Stripe { tolerance, .. }) if tolerance == DEFAULT_TOLERANCE)
+        );
+        let github = stream("{type: github, secrets: [{file: /s}]}", "");
+        assert_eq!(github.idempotency_header(), Some("X-GitHub-Delivery"));
+        let shopify = stream(
+            "{type: shopify, secrets: [{env: A}]}",
+            "    idempotency_header: X-Order-Change\n",
+        );
+        assert_eq!(
+            shopify.idempotency_header(),
+            Some("X-Order-Change"),
+            "the catalogue's own wins"
+        );
+    }
+
+    #[test]
+    fn rule_provider_fields_are_checked() {
+        let p = problems(&one_stream(
+            "    table: p.d.t\n    timezone: UTC\n    idempotency_header: \"Order Key\"\n",
+        ));
+        assert!(
+            p[0].contains("idempotency_header: `Order Key` is not a valid HTTP header name"),
+            "{p:?}"
+        );
+        let p = problems(&one_stream(
+            "    table: p.d.t\n    timezone: UTC\n    auth: {type: stripe, tolerance_seconds: 0, secrets: [{env: A}]}\n",
+        ));
+        assert!(
+            p[0].contains("auth.tolerance_seconds: must be at least 1"),
+            "{p:?}"
+        );
+        let p = problems(&one_stream(
+            "    table: p.d.t\n    timezone: UTC\n    auth: {type: github, secrets: []}\n",
+        ));
+        assert!(p[0].contains("auth.secrets: at least one secret"), "{p:?}");
+        let err = Catalogue::from_yaml(&one_stream(
+            "    table: p.d.t\n    timezone: UTC\n    auth: {type: github, header: X-Sig, secrets: [{env: A}]}\n",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `header`"), "{err}");
     }
 
     #[test]

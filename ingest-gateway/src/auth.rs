@@ -382,13 +382,11 @@ fn verify_standard_webhooks<'h>(
     body: &[u8],
     now_secs: i64,
 ) -> Result<&'h str, AuthFailure> {
-    let either = |name: &str| {
-        header(headers, &format!("webhook-{name}"))
-            .or_else(|| header(headers, &format!("svix-{name}")))
-    };
-    let value = either("signature").ok_or(AuthFailure::MissingSignature)?;
-    let id = either("id").ok_or(AuthFailure::MissingDeliveryId)?;
-    let ts = either("timestamp").ok_or(AuthFailure::MissingTimestamp)?;
+    let either = |name: &str, svix: &str| header(headers, name).or_else(|| header(headers, svix));
+    let value =
+        either("webhook-signature", "svix-signature").ok_or(AuthFailure::MissingSignature)?;
+    let id = either("webhook-id", "svix-id").ok_or(AuthFailure::MissingDeliveryId)?;
+    let ts = either("webhook-timestamp", "svix-timestamp").ok_or(AuthFailure::MissingTimestamp)?;
     check_timestamp(ts, tolerance, now_secs)?;
     // Space-separated `v1,<base64>` entries; other versions (v1a: asymmetric) are skipped.
     let candidates: Vec<Vec<u8>> = value

@@ -47,19 +47,20 @@ pub struct GatewayStreams {
     /// once per catalogue version (see [`GatewayStreams::counted_by`]) instead of looked up by
     /// label per request.
     pub accepted: HashMap<Uuid, (IntCounter, IntGauge)>,
-    /// Streams whose idempotency key is in another header than the gateway's global one (the
-    /// catalogue's `idempotency_header`, or the auth scheme's delivery id header).
-    pub idempotency_headers: HashMap<Uuid, HeaderName>,
     /// Every secret file the verifiers were built from, with a digest of the content they
     /// hold, so a rotated file (a Kubernetes Secret updated in place) is noticed.
     secret_files: Vec<(PathBuf, [u8; 32])>,
 }
 
-/// Where a stream's hits go, as written into every envelope.
+/// Where a stream's hits go, as written into every envelope, and which header keys them:
+/// resolved once per catalogue version, found with the one look-up a request makes.
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub table: String,
     pub timezone: String,
+    /// The stream's own idempotency header (the catalogue's `idempotency_header`, or its auth
+    /// scheme's delivery id header); `None` is the gateway's global one.
+    pub idempotency_header: Option<HeaderName>,
 }
 
 impl GatewayStreams {
@@ -89,23 +90,21 @@ impl GatewayStreams {
         let placements = catalogue
             .streams()
             .map(|s| {
-                (
-                    s.id,
-                    Placement {
-                        table: s.table.to_string(),
-                        timezone: s.zone.to_string(),
-                    },
-                )
+                let idempotency_header = s
+                    .idempotency_header()
+                    .map(HeaderName::try_from)
+                    .transpose()
+                    .map_err(|e| format!("stream {}: idempotency_header: {e}", s.id))?;
+                let placement = Placement {
+                    table: s.table.to_string(),
+                    timezone: s.zone.to_string(),
+                    idempotency_header,
+                };
+                Ok((s.id, placement))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         let mut secret_files = Vec::new();
-        let mut idempotency_headers = HashMap::new();
         for stream in catalogue.streams() {
-            if let Some(name) = stream.idempotency_header() {
-                let name = HeaderName::try_from(name)
-                    .map_err(|e| format!("stream {}: idempotency_header: {e}", stream.id))?;
-                idempotency_headers.insert(stream.id, name);
-            }
             if let Some(spec) = &stream.auth {
                 secret_files.extend(spec.secrets().iter().filter_map(|s| s.file.clone()).map(
                     |path| {
@@ -124,7 +123,6 @@ impl GatewayStreams {
             placements,
             limiters,
             accepted: HashMap::new(),
-            idempotency_headers,
             secret_files,
         })
     }
@@ -329,9 +327,9 @@ async fn accept<P: Publish>(
         None => Verified { signature: None },
     };
     let header_str = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    let key_header = streams
-        .idempotency_headers
-        .get(&stream_id)
+    let placement = streams.placements.get(&stream_id);
+    let key_header = placement
+        .and_then(|p| p.idempotency_header.as_ref())
         .unwrap_or(&state.idempotency_header);
     let idempotency_key = match parts.headers.get(key_header) {
         None => None,
@@ -353,7 +351,6 @@ async fn accept<P: Publish>(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| *addr);
     let payload_len = payload.len();
-    let placement = streams.placements.get(&stream_id);
     let (hit_id, value) = envelope::encode(&Received {
         table: placement.map_or("", |p| p.table.as_str()),
         timezone: placement.map_or("", |p| p.timezone.as_str()),

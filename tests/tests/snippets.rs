@@ -181,14 +181,19 @@ async fn every_snippet_sends_the_example_and_the_row_arrives() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 
-    // The rows: one per run, the example payload byte for byte.
+    // The rows: one per run, the example payload byte for byte; counted once the sink has
+    // committed to the end (no record still on its way to the table).
     let rows = eventually(
         Duration::from_secs(60),
         &format!("{} snippet rows", expected.len()),
         || {
             let (servers, table) = (wiring.servers.clone(), table.clone());
             let want = expected.len();
+            let wiring = &wiring;
             async move {
+                if !wiring.quiescent().await {
+                    return None;
+                }
                 query(&servers, &format!("SELECT hit_id, payload FROM `{table}`"))
                     .await
                     .ok()
