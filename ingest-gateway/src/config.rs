@@ -102,6 +102,13 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
+    /// Also accept HTTP/2 with prior knowledge (h2c) on the webhook port. Off by default:
+    /// webhook senders and ingresses speak HTTP/1.1 to the gateway, and serving both versions
+    /// costs every connection memory (docs/benchmarks.md). Turn it on for a proxy configured to
+    /// speak cleartext HTTP/2 to its backends (Envoy, Istio with an `http2` port name).
+    #[arg(long, env = "HOOKPIPE_HTTP2", default_value_t = false, action = clap::ArgAction::Set)]
+    pub http2: bool,
+
     /// How long a sender may take to send its body before it gets 408.
     #[arg(long, env = "HOOKPIPE_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,

@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::BoxError;
 use axum::Router;
 use axum::body::Body;
+use axum::body::HttpBody;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -195,10 +198,20 @@ pub struct AppState<P> {
     pub idempotency_header: HeaderName,
 }
 
-/// Every path goes to [`handle`], which takes `/ds/{stream_id}` apart itself: with one route,
-/// axum's router would only add a path match, a `MatchedPath` and a `String` per request.
+/// The webhook API as an axum router, for the console's test hits and the unit tests: every
+/// path goes to [`handle`], which takes `/ds/{stream_id}` apart itself. The webhook port calls
+/// [`handle`] straight from hyper (see [`crate::server`]): the router would only add a boxed
+/// body, a boxed future and an extension map per request.
 pub fn app<P: Publish>(state: Arc<AppState<P>>) -> Router {
-    Router::new().fallback(handle::<P>).with_state(state)
+    Router::new().fallback(routed::<P>).with_state(state)
+}
+
+async fn routed<P: Publish>(State(state): State<Arc<AppState<P>>>, request: Request) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    handle(state, request, peer).await
 }
 
 /// The stream id segment of a webhook path, `/ds/{stream_id}`, taken as it is (a stream id is a
@@ -234,7 +247,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn handle<P: Publish>(State(state): State<Arc<AppState<P>>>, request: Request) -> Response {
+/// Answers one webhook request; `peer` is the sender's address as the connection saw it.
+pub async fn handle<P, B>(
+    state: Arc<AppState<P>>,
+    request: http::Request<B>,
+    peer: Option<SocketAddr>,
+) -> Response
+where
+    P: Publish,
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let Some(raw_id) = stream_segment(request.uri().path()) else {
         return ApiError::NotFound.into_response();
     };
@@ -251,7 +274,7 @@ async fn handle<P: Publish>(State(state): State<Arc<AppState<P>>>, request: Requ
             state.metrics.in_flight.inc();
             let _guard = InFlight(&state.metrics);
             label = id.hyphenated().encode_lower(&mut label_buf);
-            accept(&state, &streams, id, label, received_at_ms, request).await
+            accept(&state, &streams, id, label, received_at_ms, request, peer).await
         }
         (None, _) => Err(ApiError::UnknownStream),
         (Some(id), Err(_)) => {
@@ -288,14 +311,20 @@ async fn handle<P: Publish>(State(state): State<Arc<AppState<P>>>, request: Requ
     response
 }
 
-async fn accept<P: Publish>(
+async fn accept<P, B>(
     state: &AppState<P>,
     streams: &GatewayStreams,
     stream_id: Uuid,
     label: &str,
     received_at_ms: i64,
-    request: Request,
-) -> Result<Uuid> {
+    request: http::Request<B>,
+    remote_addr: Option<SocketAddr>,
+) -> Result<Uuid>
+where
+    P: Publish,
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     // Before the body is read: a sender over its stream's limit costs the gateway nothing more.
     rate_check(streams, &stream_id).map_err(ApiError::RateLimited)?;
     let (parts, body) = request.into_parts();
@@ -346,10 +375,6 @@ async fn accept<P: Publish>(
     if idempotency_key.is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
         return Err(ApiError::IdempotencyKeyTooLong);
     }
-    let remote_addr = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| *addr);
     let payload_len = payload.len();
     let (hit_id, value) = envelope::encode(&Received {
         table: placement.map_or("", |p| p.table.as_str()),
@@ -374,7 +399,7 @@ async fn accept<P: Publish>(
     let publish_started = Instant::now();
     state
         .publisher
-        .publish(key.as_bytes(), &value)
+        .publish(key.as_bytes(), value)
         .await
         .map_err(|error| {
             state.metrics.publish_error(error.kind());
@@ -396,7 +421,11 @@ async fn accept<P: Publish>(
 
 /// Reads the body, refusing more than the limit while reading (a missing or lying
 /// Content-Length cannot make the gateway buffer more) and a sender too slow to finish.
-async fn read_body(headers: &HeaderMap, body: Body, limits: &Limits) -> Result<Bytes> {
+async fn read_body<B>(headers: &HeaderMap, body: B, limits: &Limits) -> Result<Bytes>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -27,11 +27,11 @@ struct Recorder {
 }
 
 impl Publish for Recorder {
-    async fn publish(&self, key: &[u8], value: &[u8]) -> Result<(), PublishError> {
+    async fn publish(&self, key: &[u8], value: Vec<u8>) -> Result<(), PublishError> {
         if let Some(error) = self.fail.lock().unwrap().clone() {
             return Err(error);
         }
-        let envelope = Envelope::decode(value).unwrap();
+        let envelope = Envelope::decode(value.as_slice()).unwrap();
         self.sent.lock().unwrap().push((key.to_vec(), envelope));
         Ok(())
     }

@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         idempotency_header: config.idempotency_header.parse()?,
     });
-    let webhook = app(state);
+    let webhook = app(state.clone());
     let samples = Arc::default();
     tokio::spawn(ingest_gateway::console::sample(
         metrics.registry.clone(),
@@ -167,8 +167,11 @@ async fn main() -> anyhow::Result<()> {
     let drain_timeout = config.drain_timeout;
     ingest_gateway::server::serve(
         listener,
-        webhook,
-        config.header_timeout,
+        move |request, peer| ingest_gateway::http::handle(state.clone(), request, Some(peer)),
+        ingest_gateway::server::ServeOptions {
+            header_timeout: config.header_timeout,
+            http2: config.http2,
+        },
         cancel.clone(),
         drain_timeout,
     )

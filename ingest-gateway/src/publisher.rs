@@ -62,11 +62,14 @@ impl PublishError {
 }
 
 pub trait Publish: Send + Sync + 'static {
-    /// Resolves once the broker holds the message, or with the reason it does not.
+    /// Resolves once the broker holds the message, or with the reason it does not. Takes the
+    /// value by ownership so it can be let go as soon as the producer holds its own copy,
+    /// rather than kept for the whole wait for the broker (one request in flight per
+    /// connection: memory scales with connections).
     fn publish(
         &self,
         key: &[u8],
-        value: &[u8],
+        value: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(), PublishError>> + Send;
 
     /// Messages handed over and not yet acknowledged.
@@ -355,21 +358,27 @@ fn too_large(error: &KafkaError) -> bool {
 }
 
 impl Publish for KafkaPublisher {
-    async fn publish(&self, key: &[u8], value: &[u8]) -> Result<(), PublishError> {
+    async fn publish(&self, key: &[u8], value: Vec<u8>) -> Result<(), PublishError> {
         if key.len() + value.len() > self.max_record_bytes {
             return Err(PublishError::TooLarge);
         }
         if self.stalled().is_some() {
             return Err(PublishError::Stalled);
         }
-        let record = FutureRecord::to(&self.topic).key(key).payload(value);
-        let future = match self.current().send_result(record) {
+        let record = FutureRecord::to(&self.topic).key(key).payload(&value);
+        let sent = self
+            .current()
+            .send_result(record)
+            .map_err(|(error, _record)| error);
+        // librdkafka copied the message: ours is not needed during the wait.
+        drop(value);
+        let future = match sent {
             Ok(future) => future,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                 return Err(PublishError::QueueFull);
             }
-            Err((error, _)) if too_large(&error) => return Err(PublishError::TooLarge),
-            Err((error, _)) => {
+            Err(error) if too_large(&error) => return Err(PublishError::TooLarge),
+            Err(error) => {
                 self.rebuild();
                 return Err(PublishError::Broker(error.to_string()));
             }
@@ -450,7 +459,7 @@ mod tests {
         let key = [0u8; 36];
         let value = vec![b'x'; limit - key.len() + 1];
         assert_eq!(
-            publisher.publish(&key, &value).await,
+            publisher.publish(&key, value).await,
             Err(PublishError::TooLarge)
         );
         assert_eq!(publisher.queue_len(), 0, "nothing was queued");
@@ -458,7 +467,7 @@ mod tests {
         // then waits for a broker), or refused as stalled if librdkafka has already reported
         // every broker down (a race with the refused connection to port 9).
         let value = vec![b'x'; limit - key.len()];
-        let outcome = publisher.publish(&key, &value).await;
+        let outcome = publisher.publish(&key, value).await;
         assert!(
             matches!(
                 outcome,

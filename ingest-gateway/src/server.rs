@@ -1,49 +1,85 @@
 //! The webhook port's HTTP server. `axum::serve` sets no timer on hyper, so a client that
 //! trickles its headers (or opens connections and never sends anything) would hold a
-//! connection forever; this accept loop serves the same router with a header-read timeout and
-//! a graceful drain of open connections on shutdown.
+//! connection forever; this accept loop serves the webhook handler with a header-read timeout
+//! and a graceful drain of open connections on shutdown.
+//!
+//! HTTP/1.1 only unless `HOOKPIPE_HTTP2` is on: webhook senders (Stripe, GitHub, Shopify,
+//! Svix, CRMs) and the ingresses in front of the gateway speak HTTP/1.1 to it, and serving
+//! both versions on one port costs every connection hyper_util's version detection and a
+//! connection state sized for HTTP/2 (see docs/benchmarks.md: peak RSS at 1,000 connections).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
-use axum::extract::Request;
+use axum::http::Request;
+use axum::response::Response;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 /// Largest request head (request line and headers) the gateway reads.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Serves `app` until `cancel` fires, then stops accepting and waits up to `drain` for open
-/// requests to finish. Each request carries the peer address as `ConnectInfo`.
-pub async fn serve(
+/// How the webhook port serves connections.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// Longest wait for a request's headers (and an idle keep-alive connection's next one).
+    pub header_timeout: Duration,
+    /// Also accept HTTP/2 with prior knowledge (h2c) on the same port.
+    pub http2: bool,
+}
+
+/// Serves `handler` until `cancel` fires, then stops accepting and waits up to `drain` for
+/// open requests to finish. The handler gets each request with the peer's address; hyper
+/// calls it directly (no router, no boxed body or future per request: see
+/// [`crate::http::handle`]).
+pub async fn serve<H, F>(
     listener: TcpListener,
-    app: Router,
-    header_timeout: Duration,
+    handler: H,
+    options: ServeOptions,
     cancel: CancellationToken,
     drain: Duration,
-) {
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    let header_timeout = options.header_timeout;
     let graceful = GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         // Request line and headers must fit in this (hyper's default is ~400 KB): more gets
-        // 431, a longer URL 414. Bodies are streamed through it, so they are not limited by it.
+        // 431 (a URL over 64 KiB too). Bodies are streamed through the buffer, so they are not
+        // limited by it.
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(header_timeout));
+    // Behind `Arc`s, and the HTTP/2-capable connection boxed below: a connection's task holds
+    // its future inline, sized for the largest branch, and this keeps the HTTP/1.1 one small.
+    let http1 = Arc::new(http1);
+    let both = options.http2.then(|| {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(header_timeout));
+        Arc::new(builder)
+    });
     loop {
         let (stream, peer) = tokio::select! {
             () = cancel.cancelled() => break,
@@ -57,23 +93,12 @@ pub async fn serve(
                 }
             },
         };
-        let app = app.clone();
-        let service = TowerToHyperService::new(tower::service_fn(
-            move |mut request: Request<hyper::body::Incoming>| {
-                request
-                    .extensions_mut()
-                    .insert(ConnectInfo::<SocketAddr>(peer));
-                let app = app.clone();
-                async move {
-                    Ok::<_, Infallible>(
-                        app.oneshot(request.map(axum::body::Body::new))
-                            .await
-                            .unwrap_or_else(|e| match e {}),
-                    )
-                }
-            },
-        ));
-        let builder = builder.clone();
+        let handler = handler.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = handler(request, peer);
+            async move { Ok::<_, Infallible>(response.await) }
+        });
+        let (http1, both) = (http1.clone(), both.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             // hyper's header timeout starts at the first byte: a client that connects and
@@ -83,8 +108,22 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection.into_owned()).await {
+            let io = TokioIo::new(stream);
+            let served = match both {
+                Some(both) => Box::pin(
+                    watcher.watch(
+                        both.serve_connection_with_upgrades(io, service)
+                            .into_owned(),
+                    ),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+                None => watcher
+                    .watch(http1.serve_connection(io, service))
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(error) = served {
                 tracing::debug!(%error, "connection ended with an error");
             }
         });

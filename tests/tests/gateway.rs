@@ -1,6 +1,7 @@
 //! ingest-gateway against the real broker: what reaches Kafka is what was sent, concurrency
 //! never mixes hits up, a broker outage gives 503s and never a 2xx, SIGTERM loses no
-//! acknowledged hit, and a catalogue change applies while requests flow.
+//! acknowledged hit, a catalogue change applies while requests flow, and HTTP/2 (h2c) is
+//! served only when turned on.
 
 #![allow(clippy::unwrap_used)]
 
@@ -453,4 +454,74 @@ async fn slow_or_silent_clients_are_cut_off_after_the_header_timeout() {
         .0,
         202
     );
+}
+
+/// One POST over cleartext HTTP/2 with prior knowledge (h2c); the status and hit_id, or the
+/// client's error when the gateway does not speak HTTP/2.
+async fn post_h2c(url: &str, body: &'static str) -> Result<(u16, Option<String>), String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .map_err(|_| "no answer in 10 s".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Ok((status, json["hit_id"].as_str().map(str::to_owned)))
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_served_only_when_turned_on() {
+    let wiring = Wiring::new(examples(), 3).await;
+    let client = reqwest::Client::new();
+
+    // Default: HTTP/1.1 only. An h2c connection is closed without an answer, HTTP/1.1 works.
+    let gateway = wiring.gateway(&[]).await;
+    let url = format!("{}/ds/{STREAM}", gateway.url);
+    let refused = post_h2c(&url, "orderId=H1&status=sent-over-h2c").await;
+    assert!(
+        refused.is_err(),
+        "h2c answered with HTTP/2 off: {refused:?}"
+    );
+    let (status, http1_hit) = post(&client, &url, "text/plain", b"orderId=H0".to_vec()).await;
+    assert_eq!(status, 202);
+
+    // HOOKPIPE_HTTP2=true: the same port takes h2c and HTTP/1.1, and both hits reach Kafka.
+    let both = wiring.gateway(&[("HOOKPIPE_HTTP2", "true")]).await;
+    let url = format!("{}/ds/{STREAM}", both.url);
+    let (status, h2_hit) = post_h2c(&url, "orderId=H2&status=sent-over-h2c")
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let (status, both_http1_hit) = post(&client, &url, "text/plain", b"orderId=H3".to_vec()).await;
+    assert_eq!(status, 202);
+
+    let hits: HashSet<String> = [http1_hit, h2_hit.clone(), both_http1_hit]
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    let records = consume_until_seen(
+        &wiring.servers.brokers,
+        &wiring.topic,
+        &hits,
+        Duration::from_secs(20),
+    )
+    .await;
+    let (_, envelope) = records
+        .iter()
+        .find(|(_, e)| Some(&e.hit_id) == h2_hit.as_ref())
+        .unwrap();
+    assert_eq!(&envelope.payload[..], b"orderId=H2&status=sent-over-h2c");
+    assert_eq!(envelope.method, "POST");
 }
