@@ -53,7 +53,7 @@ COPY --from=build /out/ingest-gateway /out/bq-sink /usr/local/bin/
 USER 65532:65532
 # Listen on all interfaces inside the container (the binaries default to 127.0.0.1).
 # One glibc malloc arena instead of up to 8 per core: the gateway's peak RSS at 1,000
-# connections is 30 MiB with it, 36 with 2 and 41 with glibc's default, at the same throughput
+# connections is 29-33 MiB with it, 36 with 2 and 41 with glibc's default, at the same throughput
 # (docs/benchmarks.md, "glibc arenas"). The sink's Deployment sets 2 (not measured with 1).
 ENV HOOKPIPE_LISTEN=0.0.0.0:8080 \
     HOOKPIPE_LOG_FORMAT=json \
