@@ -20,6 +20,10 @@ const SECRET: &str = "hostile-test-secret";
 const TOKEN: &str = "hostile-test-token";
 
 async fn gateway() -> Gateway {
+    gateway_with(&[]).await
+}
+
+async fn gateway_with(extra: &[(&str, &str)]) -> Gateway {
     let dir = std::env::temp_dir().join(unique("hookpipe-hostile"));
     std::fs::create_dir_all(&dir).unwrap();
     let catalogue = dir.join("streams.yaml");
@@ -49,15 +53,15 @@ async fn gateway() -> Gateway {
     )
     .unwrap();
     let wiring = Wiring::new(catalogue, 1).await;
-    wiring
-        .gateway(&[
-            // Short, so the slow cases end quickly.
-            ("HOOKPIPE_BODY_TIMEOUT", "2s"),
-            ("HOOKPIPE_HEADER_TIMEOUT", "2s"),
-            ("HOSTILE_SECRET", SECRET),
-            ("HOSTILE_TOKEN", TOKEN),
-        ])
-        .await
+    let mut env = vec![
+        // Short, so the slow cases end quickly.
+        ("HOOKPIPE_BODY_TIMEOUT", "2s"),
+        ("HOOKPIPE_HEADER_TIMEOUT", "2s"),
+        ("HOSTILE_SECRET", SECRET),
+        ("HOSTILE_TOKEN", TOKEN),
+    ];
+    env.extend_from_slice(extra);
+    wiring.gateway(&env).await
 }
 
 /// Sends `request` as raw bytes and returns the status of the first response, or `None` when
@@ -514,6 +518,33 @@ async fn hostile_requests_get_clear_answers_and_the_gateway_stays_healthy_and_bo
     assert!(
         failures.is_empty(),
         "{} of {count} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// With `HOOKPIPE_HTTP2=true` (hyper_util's version detection in front of the same HTTP/1.1
+/// limits) every one-shot case gets the same answer, the HTTP/2 preface with garbage included
+/// (then refused by HTTP/2 instead of HTTP/1.1: closed either way).
+#[tokio::test]
+async fn with_http2_on_every_one_shot_case_gets_the_same_answer() {
+    let gateway = gateway_with(&[("HOOKPIPE_HTTP2", "true")]).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let mut failures = Vec::new();
+    let cases = one_shot_cases();
+    let count = cases.len();
+    for case in cases {
+        let got = raw(&addr, &case.request).await;
+        if got != case.expected {
+            failures.push(format!(
+                "{}: expected {:?}, got {:?}",
+                case.name, case.expected, got
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {count} cases failed with HTTP/2 on:\n{}",
         failures.len(),
         failures.join("\n")
     );
