@@ -54,7 +54,7 @@ USER 65532:65532
 # Listen on all interfaces inside the container (the binaries default to 127.0.0.1).
 # One glibc malloc arena instead of up to 8 per core: the gateway's peak RSS at 1,000
 # connections is 29-33 MiB with it, 36 with 2 and 41 with glibc's default, at the same throughput
-# (docs/benchmarks.md, "glibc arenas"). The sink's Deployment sets 2 (not measured with 1).
+# (docs/benchmarks.md, "Issue #14, round 3"). The sink's Deployment sets 2 (not measured with 1).
 ENV HOOKPIPE_LISTEN=0.0.0.0:8080 \
     HOOKPIPE_LOG_FORMAT=json \
     MALLOC_ARENA_MAX=1
