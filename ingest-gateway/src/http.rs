@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,12 +17,12 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hookpipe_common::Catalogue;
 use hookpipe_common::catalogue::{RateLimit, Shared};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use prometheus::{IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -258,7 +259,10 @@ where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let Some(raw_id) = stream_segment(request.uri().path()) else {
+    let (parts, body) = request.into_parts();
+    let mut body = std::pin::pin!(body);
+    let Some(raw_id) = stream_segment(parts.uri.path()) else {
+        discard(&parts.headers, body, &state.limits, true).await;
         return ApiError::NotFound.into_response();
     };
     let started = Instant::now();
@@ -274,11 +278,16 @@ where
             state.metrics.in_flight.inc();
             let _guard = InFlight(&state.metrics);
             label = id.hyphenated().encode_lower(&mut label_buf);
+            let request = (parts, body.as_mut());
             accept(&state, &streams, id, label, received_at_ms, request, peer).await
         }
-        (None, _) => Err(ApiError::UnknownStream),
+        (None, _) => {
+            discard(&parts.headers, body, &state.limits, true).await;
+            Err(ApiError::UnknownStream)
+        }
         (Some(id), Err(_)) => {
             label = id.hyphenated().encode_lower(&mut label_buf);
+            discard(&parts.headers, body, &state.limits, true).await;
             Err(ApiError::Unavailable(
                 "too many requests in flight, retry later",
             ))
@@ -317,7 +326,7 @@ async fn accept<P, B>(
     stream_id: Uuid,
     label: &str,
     received_at_ms: i64,
-    request: http::Request<B>,
+    (parts, mut body): (http::request::Parts, Pin<&mut B>),
     remote_addr: Option<SocketAddr>,
 ) -> Result<Uuid>
 where
@@ -325,15 +334,30 @@ where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    // Before the body is read: a sender over its stream's limit costs the gateway nothing more.
-    rate_check(streams, &stream_id).map_err(ApiError::RateLimited)?;
-    let (parts, body) = request.into_parts();
+    // Before the body is read: a sender over its stream's limit costs the gateway nothing more
+    // than throwing its body away.
+    if let Err(retry_after) = rate_check(streams, &stream_id) {
+        discard(&parts.headers, body, &state.limits, true).await;
+        return Err(ApiError::RateLimited(retry_after));
+    }
     let query = parts.uri.query().unwrap_or("");
     let payload = match parts.method {
-        Method::POST => read_body(&parts.headers, body, &state.limits).await?,
+        Method::POST => match read_body(&parts.headers, body.as_mut(), &state.limits).await {
+            Ok(payload) => payload,
+            Err(ApiError::PayloadTooLarge) => {
+                // Unread when refused by its Content-Length; otherwise partly read.
+                let unread = declared_length(&parts.headers).is_some();
+                discard(&parts.headers, body, &state.limits, unread).await;
+                return Err(ApiError::PayloadTooLarge);
+            }
+            Err(error) => return Err(error),
+        },
         // Postback style: the data is the query string, taken raw (not decoded or reordered).
         Method::GET => Bytes::copy_from_slice(query.as_bytes()),
-        _ => return Err(ApiError::MethodNotAllowed),
+        _ => {
+            discard(&parts.headers, body, &state.limits, true).await;
+            return Err(ApiError::MethodNotAllowed);
+        }
     };
     if payload.is_empty() {
         return Err(ApiError::EmptyPayload);
@@ -420,26 +444,90 @@ where
 }
 
 /// Reads the body, refusing more than the limit while reading (a missing or lying
-/// Content-Length cannot make the gateway buffer more) and a sender too slow to finish.
-async fn read_body<B>(headers: &HeaderMap, body: B, limits: &Limits) -> Result<Bytes>
+/// Content-Length cannot make the gateway buffer more) and a sender too slow to finish. A body
+/// over the limit is left where it stopped, for [`discard`].
+async fn read_body<B>(headers: &HeaderMap, mut body: Pin<&mut B>, limits: &Limits) -> Result<Bytes>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
+    let max = limits.max_body_bytes;
+    let declared = declared_length(headers);
+    if declared.is_some_and(|len| len > max as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
-    let limited = Limited::new(body, limits.max_body_bytes);
-    match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge)
+    let read = async {
+        // Most bodies arrive as one frame, a slice of hyper's read buffer: kept as it is, and
+        // copied only when a second frame comes.
+        let mut first = Bytes::new();
+        let mut joined: Option<BytesMut> = None;
+        let mut total = 0usize;
+        while let Some(frame) = body.as_mut().frame().await {
+            let frame = frame.map_err(|_| ApiError::BodyRead)?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers: not part of the payload
+            };
+            total += data.len();
+            if total > max {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            if let Some(buf) = joined.as_mut() {
+                buf.extend_from_slice(&data);
+            } else if first.is_empty() {
+                first = data;
+            } else {
+                let capacity = declared.map_or(2 * total, |len| len as usize).min(max);
+                let mut buf = BytesMut::with_capacity(capacity.max(total));
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
         }
-        Ok(Err(_)) => Err(ApiError::BodyRead),
-        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(joined.map_or(first, BytesMut::freeze))
+    };
+    tokio::time::timeout(limits.body_timeout, read)
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout))
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// How much of a refused request's body the gateway reads and throws away so the sender gets
+/// the answer.
+pub const DISCARD_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads and throws away what is left of the body of a request answered with an error (at most
+/// [`DISCARD_MAX_BYTES`], within the body timeout). hyper closes a connection whose request
+/// body was not read to the end, and a sender still writing its body then gets a reset ("broken
+/// pipe") instead of the 413, 429 or 404 it should act on. A declared body larger than the
+/// allowance is not read (that connection is closed, as before), nor an unread one whose
+/// sender waits for `100 Continue`: it has sent nothing yet, and reading would invite it to.
+async fn discard<B>(headers: &HeaderMap, mut body: Pin<&mut B>, limits: &Limits, unread: bool)
+where
+    B: HttpBody<Data = Bytes>,
+{
+    if body.is_end_stream()
+        || (unread && headers.contains_key(header::EXPECT))
+        || declared_length(headers).is_some_and(|len| {
+            len > (limits.max_body_bytes as u64).saturating_add(DISCARD_MAX_BYTES)
+        })
+    {
+        return;
     }
+    let drain = async {
+        let mut left = (limits.max_body_bytes as u64).saturating_add(DISCARD_MAX_BYTES);
+        while let Some(Ok(frame)) = body.as_mut().frame().await {
+            let len = frame.data_ref().map_or(0, |data| data.len() as u64);
+            match left.checked_sub(len) {
+                Some(rest) => left = rest,
+                None => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limits.body_timeout, drain).await;
 }

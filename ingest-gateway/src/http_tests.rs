@@ -225,6 +225,70 @@ async fn oversized_body_is_413_with_or_without_content_length() {
     assert_eq!(status, StatusCode::ACCEPTED);
 }
 
+/// A streamed body of `chunks` pieces of 100 bytes that counts the pieces read.
+fn counted_body(chunks: usize) -> (Body, Arc<std::sync::atomic::AtomicUsize>) {
+    let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = read.clone();
+    let pieces = (0..chunks).map(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b'a'; 100]))
+    });
+    struct Lazy<I>(I);
+    impl<I: Iterator + Unpin> futures_core::Stream for Lazy<I> {
+        type Item = I::Item;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<I::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    (Body::from_stream(Lazy(pieces)), read)
+}
+
+#[tokio::test]
+async fn a_refused_body_is_read_to_the_end_unless_the_sender_waits_for_100_continue() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let rec = Arc::new(Recorder::default());
+    // Over the limit while reading: the rest is read and thrown away, so hyper can keep the
+    // connection and the sender, still writing, reads the 413.
+    let (body, read) = counted_body(20);
+    let (status, _, _) = call(state(rec.clone(), 10), post(&format!("/ds/{STREAM}"), body)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(read.load(SeqCst), 20);
+    // Refused before reading (unknown stream, no free slot): the same.
+    let (body, read) = counted_body(5);
+    let unknown = format!("/ds/{}", uuid::Uuid::new_v4());
+    let (status, _, _) = call(state(rec.clone(), 10), post(&unknown, body)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(read.load(SeqCst), 5);
+    let (body, read) = counted_body(5);
+    let (status, _, _) = call(state(rec.clone(), 0), post(&format!("/ds/{STREAM}"), body)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(read.load(SeqCst), 5);
+    // Refused by its Content-Length: read too...
+    let declared = |expect: bool| {
+        let (body, read) = counted_body(20);
+        let mut request = post(&format!("/ds/{STREAM}"), body);
+        let headers = request.headers_mut();
+        headers.insert("content-length", "2000".parse().unwrap());
+        if expect {
+            headers.insert("expect", "100-continue".parse().unwrap());
+        }
+        (request, read)
+    };
+    let (request, read) = declared(false);
+    let (status, _, _) = call(state(rec.clone(), 10), request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(read.load(SeqCst), 20);
+    // ...unless the sender waits for `100 Continue` and has sent nothing.
+    let (request, read) = declared(true);
+    let (status, _, _) = call(state(rec.clone(), 10), request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(read.load(SeqCst), 0);
+    assert!(rec.sent.lock().unwrap().is_empty());
+}
+
 fn futures_stream(data: Vec<u8>) -> Body {
     let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = data
         .chunks(100)

@@ -440,3 +440,132 @@ async fn a_rate_limited_stream_answers_429_past_its_burst_and_recovers() {
         (8 - accepted) as f64
     );
 }
+
+/// One response read from a raw connection: status, headers (lower-cased) and body.
+struct RawResponse {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+/// Reads one response with a Content-Length body from `stream` (waits at most 30 s); `None`
+/// when the connection ends first.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<RawResponse> {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut read = async |buf: &mut Vec<u8>| -> Option<()> {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                Some(())
+            }
+            _ => None,
+        }
+    };
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read(&mut buf).await?;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < head_end + length {
+        read(&mut buf).await?;
+    }
+    assert_eq!(buf.len(), head_end + length, "nothing after the response");
+    Some(RawResponse {
+        status,
+        headers: head,
+        body: String::from_utf8_lossy(&buf[head_end..]).into_owned(),
+    })
+}
+
+#[tokio::test]
+async fn a_sender_still_writing_a_refused_body_gets_the_answer_on_a_connection_it_can_reuse() {
+    use tokio::io::AsyncWriteExt;
+    let (stream, table) = stream_and_table("refused");
+    let wiring = Wiring::new(write_catalogue(&[(&stream, &table, "UTC")]), 1).await;
+    let gateway = wiring.gateway(&[]).await;
+    let _sink = wiring.sink(&[]).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = |path: &str, framing: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\n{framing}\r\n\r\n")
+    };
+    let path = format!("/ds/{stream}");
+
+    // One byte over the limit, sent whole before reading: the gateway used to answer 413 after
+    // the head and close, and a sender still writing got "broken pipe" instead of the 413.
+    let body = format!("big={}", "x".repeat(MIB - 3));
+    let mut request = head(&path, &format!("Content-Length: {}", body.len())).into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    conn.write_all(&request).await.expect("the whole body is read");
+    let response = read_response(&mut conn).await.expect("an answer");
+    assert_eq!(response.status, 413, "{}", response.headers);
+    assert_eq!(response.body, r#"{"error":"payload too large"}"#);
+    assert!(!response.headers.contains("connection: close"));
+
+    // Over the limit without a Content-Length (chunked): refused while reading, then the rest
+    // is read too, on the same connection.
+    let mut request = head(&path, "Transfer-Encoding: chunked").into_bytes();
+    let piece = "y".repeat(64 * 1024);
+    for _ in 0..24 {
+        request.extend_from_slice(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes());
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    conn.write_all(&request).await.expect("the whole body is read");
+    let response = read_response(&mut conn).await.expect("an answer");
+    assert_eq!(response.status, 413);
+
+    // Refused before the body is read (an unknown stream): the same.
+    let body = "a=1&".repeat(128 * 1024);
+    let mut request = head(
+        &format!("/ds/{}", uuid::Uuid::new_v4()),
+        &format!("Content-Length: {}", body.len()),
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    conn.write_all(&request).await.expect("the whole body is read");
+    let response = read_response(&mut conn).await.expect("an answer");
+    assert_eq!(response.status, 404);
+
+    // The connection still serves: a webhook on it lands once.
+    let mut request = head(&path, "Content-Length: 7").into_bytes();
+    request.extend_from_slice(b"after=1");
+    conn.write_all(&request).await.unwrap();
+    let response = read_response(&mut conn).await.expect("an answer");
+    assert_eq!(response.status, 202, "{}", response.body);
+    let json: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+    let hit_id = json["hit_id"].as_str().unwrap().to_owned();
+
+    // A declared body far past what the gateway reads to throw away: 413 at once, and the
+    // connection is closed rather than 100 MiB read.
+    let mut request = head(&path, &format!("Content-Length: {}", 100 * MIB)).into_bytes();
+    request.extend_from_slice(&[b'z'; 4096]);
+    conn.write_all(&request).await.unwrap();
+    let response = read_response(&mut conn).await.expect("an answer");
+    assert_eq!(response.status, 413);
+    let mut rest = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        use tokio::io::AsyncReadExt;
+        matches!(conn.read(&mut rest).await, Ok(0) | Err(_))
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the connection is closed");
+
+    wiring
+        .assert_exactly_once(
+            &table,
+            &std::collections::HashSet::from([hit_id]),
+            Duration::from_secs(90),
+        )
+        .await;
+}
