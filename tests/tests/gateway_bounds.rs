@@ -507,7 +507,9 @@ async fn a_sender_still_writing_a_refused_body_gets_the_answer_on_a_connection_i
     let body = format!("big={}", "x".repeat(MIB - 3));
     let mut request = head(&path, &format!("Content-Length: {}", body.len())).into_bytes();
     request.extend_from_slice(body.as_bytes());
-    conn.write_all(&request).await.expect("the whole body is read");
+    conn.write_all(&request)
+        .await
+        .expect("the whole body is read");
     let response = read_response(&mut conn).await.expect("an answer");
     assert_eq!(response.status, 413, "{}", response.headers);
     assert_eq!(response.body, r#"{"error":"payload too large"}"#);
@@ -521,7 +523,9 @@ async fn a_sender_still_writing_a_refused_body_gets_the_answer_on_a_connection_i
         request.extend_from_slice(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes());
     }
     request.extend_from_slice(b"0\r\n\r\n");
-    conn.write_all(&request).await.expect("the whole body is read");
+    conn.write_all(&request)
+        .await
+        .expect("the whole body is read");
     let response = read_response(&mut conn).await.expect("an answer");
     assert_eq!(response.status, 413);
 
@@ -533,7 +537,9 @@ async fn a_sender_still_writing_a_refused_body_gets_the_answer_on_a_connection_i
     )
     .into_bytes();
     request.extend_from_slice(body.as_bytes());
-    conn.write_all(&request).await.expect("the whole body is read");
+    conn.write_all(&request)
+        .await
+        .expect("the whole body is read");
     let response = read_response(&mut conn).await.expect("an answer");
     assert_eq!(response.status, 404);
 
