@@ -87,10 +87,13 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::BodyTimeout | ApiError::PayloadTooLarge => {
+            ApiError::BodyTimeout => {
                 // The rest of the body was not read: the connection cannot be reused.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            // Not for a 413: its body is read to the end and thrown away (see
+            // `http::discard`), and where it is not (declared far too large, or held back by
+            // `Expect: 100-continue`) hyper closes the connection after the answer itself.
             _ => {}
         }
         response
