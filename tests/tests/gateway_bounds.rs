@@ -1,5 +1,6 @@
 //! ingest-gateway's bounds on the real broker: one size contract (the largest accepted body
-//! lands, one byte more is 413, a topic too small for the limit stops the start), bounded
+//! lands, one byte more is 413, a topic too small for the limit stops the start, a sender still
+//! writing a refused body reads the answer on a connection it can reuse), bounded
 //! ambiguity through a broker pause (a keyless sender retrying through it leaves at most one
 //! extra row), bounded producer memory while the broker is down under load, and per-stream
 //! rate limits.
