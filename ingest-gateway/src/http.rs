@@ -499,7 +499,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 
 /// How much of a refused request's body the gateway reads and throws away so the sender gets
 /// the answer.
-pub const DISCARD_MAX_BYTES: u64 = 16 * 1024 * 1024;
+const DISCARD_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Reads and throws away what is left of the body of a request answered with an error (at most
 /// [`DISCARD_MAX_BYTES`], within the body timeout). hyper closes a connection whose request
@@ -511,16 +511,14 @@ async fn discard<B>(headers: &HeaderMap, mut body: Pin<&mut B>, limits: &Limits,
 where
     B: HttpBody<Data = Bytes>,
 {
+    let mut left = (limits.max_body_bytes as u64).saturating_add(DISCARD_MAX_BYTES);
     if body.is_end_stream()
         || (unread && headers.contains_key(header::EXPECT))
-        || declared_length(headers).is_some_and(|len| {
-            len > (limits.max_body_bytes as u64).saturating_add(DISCARD_MAX_BYTES)
-        })
+        || declared_length(headers).is_some_and(|len| len > left)
     {
         return;
     }
     let drain = async {
-        let mut left = (limits.max_body_bytes as u64).saturating_add(DISCARD_MAX_BYTES);
         while let Some(Ok(frame)) = body.as_mut().frame().await {
             let len = frame.data_ref().map_or(0, |data| data.len() as u64);
             match left.checked_sub(len) {
