@@ -2,6 +2,7 @@
 //! tests drive it with `oneshot`, exactly as the server runs it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -249,86 +250,114 @@ impl Drop for InFlight<'_> {
 }
 
 /// Answers one webhook request; `peer` is the sender's address as the connection saw it.
-pub async fn handle<P, B>(
+///
+/// Not an `async fn`: hyper keeps this future for every connection (in a box it allocates
+/// when the connection opens), so its size is memory per connection. An `async fn` keeps each
+/// argument twice (as given and as moved into its body), so the request is taken apart before
+/// the future is made and the parts are only lent to the steps that read them:
+/// docs/benchmarks.md ("Issue #14, round 5") has the sizes.
+pub fn handle<P, B>(
     state: Arc<AppState<P>>,
     request: http::Request<B>,
     peer: Option<SocketAddr>,
-) -> Response
+) -> impl Future<Output = Response>
 where
     P: Publish,
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let (parts, body) = request.into_parts();
-    let mut body = std::pin::pin!(body);
-    let Some(raw_id) = stream_segment(parts.uri.path()) else {
-        discard(&parts.headers, body, &state.limits, true).await;
-        return ApiError::NotFound.into_response();
-    };
-    let started = Instant::now();
-    let received_at_ms = hookpipe_common::now_ms();
-    let mut label_buf = Uuid::encode_buffer();
-    let mut label = UNKNOWN_STREAM;
-    let streams = state.streams.current();
-    let stream_id = Uuid::try_parse(raw_id)
-        .ok()
-        .filter(|id| streams.catalogue.get(id).is_some());
-    let result = match (stream_id, state.slots.try_acquire()) {
-        (Some(id), Ok(_permit)) => {
-            state.metrics.in_flight.inc();
-            let _guard = InFlight(&state.metrics);
-            label = id.hyphenated().encode_lower(&mut label_buf);
-            let request = (parts, body.as_mut());
-            accept(&state, &streams, id, label, received_at_ms, request, peer).await
-        }
-        (None, _) => {
+    async move {
+        let mut body = std::pin::pin!(body);
+        let Some(raw_id) = stream_segment(parts.uri.path()) else {
             discard(&parts.headers, body, &state.limits, true).await;
-            Err(ApiError::UnknownStream)
+            return ApiError::NotFound.into_response();
+        };
+        let started = Instant::now();
+        let received_at_ms = hookpipe_common::now_ms();
+        let mut label_buf = Uuid::encode_buffer();
+        let mut label = UNKNOWN_STREAM;
+        let streams = state.streams.current();
+        let stream_id = Uuid::try_parse(raw_id)
+            .ok()
+            .filter(|id| streams.catalogue.get(id).is_some());
+        let result = match (stream_id, state.slots.try_acquire()) {
+            (Some(id), Ok(_permit)) => {
+                state.metrics.in_flight.inc();
+                let _guard = InFlight(&state.metrics);
+                label = id.hyphenated().encode_lower(&mut label_buf);
+                let request = (&parts, body.as_mut());
+                match prepare(&state, &streams, id, label, received_at_ms, request, peer).await {
+                    Ok(prepared) => {
+                        // The request's head (and its body, already copied into the
+                        // envelope) are slices of hyper's read buffer for this connection:
+                        // let them go before the wait for the broker, or a connection can
+                        // hold a second 8 KiB buffer while its request is in flight (peak RSS
+                        // at 1,000 connections: 52 -> 41.5 MiB with this).
+                        drop(parts);
+                        publish(&state, label, prepared).await
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            (None, _) => {
+                discard(&parts.headers, body, &state.limits, true).await;
+                Err(ApiError::UnknownStream)
+            }
+            (Some(id), Err(_)) => {
+                label = id.hyphenated().encode_lower(&mut label_buf);
+                discard(&parts.headers, body, &state.limits, true).await;
+                Err(ApiError::Unavailable(
+                    "too many requests in flight, retry later",
+                ))
+            }
+        };
+        let response = match result {
+            Ok(hit_id) => accepted_response(&hit_id),
+            Err(error) => {
+                // Not per request at warn level: during an outage every request is a 503, and
+                // the cause is logged where it is known (a failed publish, the readiness
+                // loop's state change); metrics count each answer.
+                tracing::debug!(stream = label, %error, "webhook not accepted");
+                error.into_response()
+            }
+        };
+        let (status, seconds) = (response.status(), started.elapsed().as_secs_f64());
+        // A 202 (the common case) counts through the handle resolved for this catalogue
+        // version; any other answer through a label look-up.
+        let handle = stream_id
+            .filter(|_| status == StatusCode::ACCEPTED)
+            .and_then(|id| streams.accepted.get(&id));
+        match handle {
+            Some((counter, last)) => {
+                counter.inc();
+                last.set(received_at_ms.div_euclid(1000));
+                state.metrics.request_seconds(status, seconds);
+            }
+            None => state.metrics.request(label, status, seconds),
         }
-        (Some(id), Err(_)) => {
-            label = id.hyphenated().encode_lower(&mut label_buf);
-            discard(&parts.headers, body, &state.limits, true).await;
-            Err(ApiError::Unavailable(
-                "too many requests in flight, retry later",
-            ))
-        }
-    };
-    let response = match result {
-        Ok(hit_id) => accepted_response(&hit_id),
-        Err(error) => {
-            // Not per request at warn level: during an outage every request is a 503, and the
-            // cause is logged where it is known (a failed publish, the readiness loop's state
-            // change); metrics count each answer.
-            tracing::debug!(stream = label, %error, "webhook not accepted");
-            error.into_response()
-        }
-    };
-    let (status, seconds) = (response.status(), started.elapsed().as_secs_f64());
-    // A 202 (the common case) counts through the handle resolved for this catalogue version;
-    // any other answer through a label look-up.
-    let handle = stream_id
-        .filter(|_| status == StatusCode::ACCEPTED)
-        .and_then(|id| streams.accepted.get(&id));
-    match handle {
-        Some((counter, last)) => {
-            counter.inc();
-            last.set(received_at_ms.div_euclid(1000));
-            state.metrics.request_seconds(status, seconds);
-        }
-        None => state.metrics.request(label, status, seconds),
+        response
     }
-    response
 }
 
-async fn accept<P, B>(
+/// A request made into its envelope, ready to publish.
+struct Prepared {
+    hit_id: Uuid,
+    envelope: Vec<u8>,
+    payload_len: usize,
+}
+
+/// Everything before the publish: the rate limit, the body, the checks a sender can act on,
+/// the signature, the idempotency key and the envelope.
+async fn prepare<P, B>(
     state: &AppState<P>,
     streams: &GatewayStreams,
     stream_id: Uuid,
     label: &str,
     received_at_ms: i64,
-    (parts, mut body): (http::request::Parts, Pin<&mut B>),
+    (parts, mut body): (&http::request::Parts, Pin<&mut B>),
     remote_addr: Option<SocketAddr>,
-) -> Result<Uuid>
+) -> Result<Prepared>
 where
     P: Publish,
     B: HttpBody<Data = Bytes>,
@@ -400,7 +429,7 @@ where
         return Err(ApiError::IdempotencyKeyTooLong);
     }
     let payload_len = payload.len();
-    let (hit_id, value) = envelope::encode(&Received {
+    let (hit_id, envelope) = envelope::encode(&Received {
         table: placement.map_or("", |p| p.table.as_str()),
         timezone: placement.map_or("", |p| p.timezone.as_str()),
         stream_id,
@@ -414,16 +443,26 @@ where
         remote_addr,
         user_agent: header_str(&header::USER_AGENT).unwrap_or(""),
     });
-    // The request's head and body are slices of hyper's read buffer for this connection: let
-    // it go before the wait for the broker, or a connection can hold a second 8 KiB buffer
-    // while its request is in flight (peak RSS at 1,000 connections: 52 → 41.5 MiB with this).
-    drop(parts);
+    Ok(Prepared {
+        hit_id,
+        envelope,
+        payload_len,
+    })
+}
+
+/// Hands the envelope to the producer and waits for the broker's acknowledgement.
+async fn publish<P: Publish>(state: &AppState<P>, label: &str, prepared: Prepared) -> Result<Uuid> {
+    let Prepared {
+        hit_id,
+        envelope,
+        payload_len,
+    } = prepared;
     let mut key = Uuid::encode_buffer();
     let key = hit_id.hyphenated().encode_lower(&mut key);
     let publish_started = Instant::now();
     state
         .publisher
-        .publish(key.as_bytes(), value)
+        .publish(key.as_bytes(), envelope)
         .await
         .map_err(|error| {
             state.metrics.publish_error(error.kind());

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use axum::http::Request;
 use axum::response::Response;
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -94,9 +95,11 @@ pub async fn serve<H, F>(
             },
         };
         let handler = handler.clone();
+        // `map`, not `async move { Ok(response.await) }`: an async block would hold the
+        // handler's future twice (as captured and as awaited), and hyper keeps this future for
+        // every connection (docs/benchmarks.md, "Issue #14, round 5").
         let service = service_fn(move |request: Request<Incoming>| {
-            let response = handler(request, peer);
-            async move { Ok::<_, Infallible>(response.await) }
+            handler(request, peer).map(Ok::<_, Infallible>)
         });
         let (http1, both) = (http1.clone(), both.clone());
         let watcher = graceful.watcher();

@@ -36,6 +36,12 @@ struct Args {
     /// The stream id in the envelopes (a fresh one if not given).
     #[arg(long)]
     stream: Option<uuid::Uuid>,
+    /// Paced: at most this many messages per second in all (the `--concurrency` sends in
+    /// flight still bound it). `bench/run` paces a second raw producer at the gateway's
+    /// accepted rate, so both are compared at the same batch sizes: librdkafka's CPU per
+    /// message grows as its batches shrink.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 #[tokio::main]
@@ -72,6 +78,7 @@ async fn main() {
             args.count,
             cpu_at_start.clone(),
         );
+        let rate = args.rate.filter(|r| *r > 0.0);
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut measured = 0u64;
@@ -79,6 +86,10 @@ async fn main() {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if count.is_some_and(|c| i >= c) || (count.is_none() && Instant::now() >= stop) {
                     return (latencies, measured);
+                }
+                if let Some(rate) = rate {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
                 }
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
