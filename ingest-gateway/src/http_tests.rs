@@ -591,6 +591,39 @@ fn a_catalogue_naming_an_unreadable_secret_is_refused() {
     assert!(error.contains(STREAM), "{error}");
 }
 
+/// hyper keeps the webhook handler's future in a box per connection, so its size is memory per
+/// open connection (docs/benchmarks.md, "Issue #14, round 5": 3,832 bytes before, when the
+/// future was held twice over).
+#[tokio::test]
+async fn the_handler_future_hyper_keeps_per_connection_stays_small() {
+    let mut config = rdkafka::ClientConfig::new();
+    // Nothing listens there, and nothing is published: only the future's size is looked at.
+    config.set("bootstrap.servers", "127.0.0.1:9");
+    let publisher =
+        crate::publisher::KafkaPublisher::new(&config, "t".into(), Duration::from_secs(1), 1024)
+            .unwrap();
+    let recorder_state = state(Arc::default(), 1);
+    let state = Arc::new(AppState {
+        streams: recorder_state.streams.clone(),
+        publisher: Arc::new(publisher),
+        metrics: recorder_state.metrics.clone(),
+        limits: recorder_state.limits.clone(),
+        slots: recorder_state.slots.clone(),
+        idempotency_header: recorder_state.idempotency_header.clone(),
+    });
+    // As the webhook port hands it to hyper.
+    let future = crate::server::for_hyper(crate::http::handle(
+        state,
+        post(&format!("/ds/{STREAM}"), "a=1"),
+        None,
+    ));
+    let size = std::mem::size_of_val(&future);
+    assert!(
+        size <= 1280,
+        "the per-connection handler future is {size} bytes"
+    );
+}
+
 fn metrics_text(st: &AppState<Recorder>) -> String {
     let mut out = Vec::new();
     prometheus::Encoder::encode(

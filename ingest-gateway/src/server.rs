@@ -38,6 +38,17 @@ pub struct ServeOptions {
     pub http2: bool,
 }
 
+/// The handler's future as hyper's service returns it. `map`, not `async move {
+/// Ok(response.await) }`: an async block would hold the handler's future twice (as captured and
+/// as awaited), and hyper keeps this future for every connection (docs/benchmarks.md, "Issue
+/// #14, round 5").
+pub(crate) fn for_hyper<F>(response: F) -> impl Future<Output = Result<Response, Infallible>>
+where
+    F: Future<Output = Response>,
+{
+    response.map(Ok)
+}
+
 /// Serves `handler` until `cancel` fires, then stops accepting and waits up to `drain` for
 /// open requests to finish. The handler gets each request with the peer's address; hyper
 /// calls it directly (no router, no boxed body or future per request: see
@@ -95,12 +106,8 @@ pub async fn serve<H, F>(
             },
         };
         let handler = handler.clone();
-        // `map`, not `async move { Ok(response.await) }`: an async block would hold the
-        // handler's future twice (as captured and as awaited), and hyper keeps this future for
-        // every connection (docs/benchmarks.md, "Issue #14, round 5").
-        let service = service_fn(move |request: Request<Incoming>| {
-            handler(request, peer).map(Ok::<_, Infallible>)
-        });
+        let service =
+            service_fn(move |request: Request<Incoming>| for_hyper(handler(request, peer)));
         let (http1, both) = (http1.clone(), both.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
