@@ -38,8 +38,8 @@ struct Args {
     stream: Option<uuid::Uuid>,
     /// Paced: at most this many messages per second in all (the `--concurrency` sends in
     /// flight still bound it). `bench/run` paces a second raw producer at the gateway's
-    /// accepted rate, so both are compared at the same batch sizes: librdkafka's CPU per
-    /// message grows as its batches shrink.
+    /// accepted rate (`HOOKPIPE_BENCH_PACED=1`), so the two are compared at the same message
+    /// rate, and so the same batch sizes.
     #[arg(long)]
     rate: Option<f64>,
 }
