@@ -40,9 +40,60 @@ pub fn cpu_time() -> Duration {
     Duration::from_secs_f64(total as f64 / 100.0)
 }
 
+/// Which part of a producer process a thread is, by its name: librdkafka's own threads
+/// (`rdk:main`, `rdk:broker…`), the rdkafka crate's delivery-report thread (`producer
+/// pollin[g thread]`), and everything else (the runtime's workers: HTTP, envelopes, the
+/// caller's side of produce). `bench/run` sorts the gateway's threads the same way.
+pub fn thread_kind(name: &str) -> &'static str {
+    if name.starts_with("rdk:") {
+        "librdkafka"
+    } else if name.starts_with("producer poll") {
+        "delivery reports"
+    } else {
+        "runtime"
+    }
+}
+
+/// CPU time of this process's live threads by [`thread_kind`] (a thread that has exited is
+/// not counted; the producers' threads live as long as the process).
+pub fn cpu_by_thread_kind() -> std::collections::BTreeMap<&'static str, Duration> {
+    let mut kinds = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return kinds;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        *kinds.entry(thread_kind(name)).or_default() +=
+            Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0);
+    }
+    kinds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_are_sorted_by_their_names() {
+        assert_eq!(thread_kind("rdk:broker1"), "librdkafka");
+        assert_eq!(thread_kind("rdk:main"), "librdkafka");
+        assert_eq!(thread_kind("producer pollin"), "delivery reports");
+        assert_eq!(thread_kind("tokio-rt-worker"), "runtime");
+        assert!(cpu_by_thread_kind().contains_key("runtime"), "this test's own thread");
+    }
 
     #[test]
     fn payloads_are_about_300_bytes() {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hookpipe_bench::{cpu_time, payload, percentile};
+use hookpipe_bench::{cpu_by_thread_kind, cpu_time, payload, percentile};
 use ingest_gateway::envelope::{Received, encode};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -127,7 +127,7 @@ async fn main() {
                 if sent >= measure_from {
                     let mut cpu = cpu_at_start.lock().unwrap_or_else(|e| e.into_inner());
                     if cpu.is_none() {
-                        *cpu = Some(cpu_time());
+                        *cpu = Some((cpu_time(), cpu_by_thread_kind()));
                     }
                     latencies.push(sent.elapsed());
                     measured += 1;
@@ -143,12 +143,20 @@ async fn main() {
         measured += n;
     }
     let elapsed = Instant::now().saturating_duration_since(measure_from);
-    let cpu = cpu_time().saturating_sub(
-        cpu_at_start
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or_default(),
-    );
+    let (cpu_start, threads_start) = cpu_at_start
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let cpu = cpu_time().saturating_sub(cpu_start);
+    let by_thread: serde_json::Map<String, serde_json::Value> = cpu_by_thread_kind()
+        .into_iter()
+        .map(|(kind, end)| {
+            let used = end.saturating_sub(threads_start.get(kind).copied().unwrap_or_default());
+            let per_message = used.as_secs_f64() * 1e6 / measured.max(1) as f64;
+            (kind.to_string(), serde_json::json!(per_message))
+        })
+        .collect();
     latencies.sort_unstable();
     println!(
         "{}",
@@ -160,6 +168,7 @@ async fn main() {
             "p50_ms": percentile(&latencies, 50.0).as_secs_f64() * 1000.0,
             "p99_ms": percentile(&latencies, 99.0).as_secs_f64() * 1000.0,
             "cpu_us_per_message": cpu.as_secs_f64() * 1e6 / measured.max(1) as f64,
+            "cpu_us_per_message_by_thread": by_thread,
         })
     );
 }
