@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(thread_kind("rdk:main"), "librdkafka");
         assert_eq!(thread_kind("producer pollin"), "delivery reports");
         assert_eq!(thread_kind("tokio-rt-worker"), "runtime");
-        assert!(cpu_by_thread_kind().contains_key("runtime"), "this test's own thread");
+        assert!(
+            cpu_by_thread_kind().contains_key("runtime"),
+            "this test's own thread"
+        );
     }
 
     #[test]
