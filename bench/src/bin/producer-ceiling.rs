@@ -42,6 +42,36 @@ struct Args {
     /// rate, and so the same batch sizes.
     #[arg(long)]
     rate: Option<f64>,
+    /// Also report librdkafka's own counters per message over the measured window (from its
+    /// statistics, every second): broker-thread wake-ups and requests sent.
+    #[arg(long)]
+    stats: bool,
+}
+
+/// Keeps librdkafka's latest statistics.
+#[derive(Clone, Default)]
+struct LatestStats(Arc<std::sync::Mutex<Option<rdkafka::Statistics>>>);
+
+impl rdkafka::ClientContext for LatestStats {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(statistics);
+    }
+}
+impl rdkafka::producer::ProducerContext for LatestStats {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Wake-ups, requests sent and produce requests, summed over the brokers.
+fn broker_counters(stats: &LatestStats) -> [u64; 3] {
+    let latest = stats.0.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(s) = latest.as_ref() else {
+        return [0; 3];
+    };
+    s.brokers.values().fold([0; 3], |[w, t, p], b| {
+        let produce = b.req.get("Produce").copied().unwrap_or(0).max(0) as u64;
+        [w + b.wakeups.unwrap_or(0), t + b.tx, p + produce]
+    })
 }
 
 #[tokio::main]
@@ -61,7 +91,13 @@ async fn main() {
             max_body_bytes: 1024 * 1024,
         },
     );
-    let producer: FutureProducer = config.create().expect("producer");
+    let mut config = config;
+    if args.stats {
+        config.set("statistics.interval.ms", "1000");
+    }
+    let stats = LatestStats::default();
+    let producer: FutureProducer<LatestStats> =
+        config.create_with_context(stats.clone()).expect("producer");
     let stream = args.stream.unwrap_or_else(uuid::Uuid::new_v4);
     let next = Arc::new(AtomicU64::new(0));
     let warmup = if args.count.is_some() { 0 } else { 2 };
@@ -69,6 +105,14 @@ async fn main() {
     let measure_from = start + Duration::from_secs(warmup);
     let stop = measure_from + Duration::from_secs(args.seconds);
     let cpu_at_start = Arc::new(std::sync::Mutex::new(None));
+    // librdkafka's counters when the measured window opens (statistics come every second).
+    let counters_at_start = tokio::spawn({
+        let stats = stats.clone();
+        async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            broker_counters(&stats)
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
         let (producer, next, topic, count, cpu_at_start) = (
@@ -143,6 +187,11 @@ async fn main() {
         measured += n;
     }
     let elapsed = Instant::now().saturating_duration_since(measure_from);
+    let counters_start = counters_at_start.await.unwrap_or_default();
+    let counters_end = broker_counters(&stats);
+    let per_message = |i: usize| {
+        counters_end[i].saturating_sub(counters_start[i]) as f64 / measured.max(1) as f64
+    };
     let (cpu_start, threads_start) = cpu_at_start
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -169,6 +218,11 @@ async fn main() {
             "p99_ms": percentile(&latencies, 99.0).as_secs_f64() * 1000.0,
             "cpu_us_per_message": cpu.as_secs_f64() * 1e6 / measured.max(1) as f64,
             "cpu_us_per_message_by_thread": by_thread,
+            "librdkafka_per_message": args.stats.then(|| serde_json::json!({
+                "wakeups": per_message(0),
+                "requests": per_message(1),
+                "produce_requests": per_message(2),
+            })),
         })
     );
 }
