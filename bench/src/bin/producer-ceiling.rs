@@ -113,6 +113,7 @@ async fn main() {
             broker_counters(&stats)
         }
     });
+    let rate = args.rate.filter(|r| *r > 0.0);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
         let (producer, next, topic, count, cpu_at_start) = (
@@ -122,7 +123,6 @@ async fn main() {
             args.count,
             cpu_at_start.clone(),
         );
-        let rate = args.rate.filter(|r| *r > 0.0);
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut measured = 0u64;
