@@ -132,6 +132,24 @@ pub struct Config {
     #[arg(long, env = "HOOKPIPE_PRODUCER_LINGER", default_value = "5ms", value_parser = parse_duration)]
     pub producer_linger: Duration,
 
+    /// Produce requests in flight per broker connection (librdkafka
+    /// `max.in.flight.requests.per.connection`; 1-5 with the idempotent producer). 2, not
+    /// librdkafka's 5: its idempotent producer keeps one request per partition in flight anyway
+    /// (it counts the *messages* in flight against its limit of five requests), and while a
+    /// partition's next batch is ready and its request is out, the broker thread polls without
+    /// waiting until the answer comes (bench/librdkafka/idempotent-inflight-wakeup.patch). With
+    /// fewer requests allowed per connection than the partitions the broker leads, the other
+    /// partitions' batches wait in librdkafka's queue instead, which does not wake the thread:
+    /// at 256 connections on 4 partitions, 2 µs of librdkafka CPU per message instead of 32-40
+    /// (docs/benchmarks.md, round 6). Where a broker leads 2 of the topic's partitions, 1.
+    #[arg(
+        long,
+        env = "HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub producer_in_flight_requests: u8,
+
     /// Compression for produced batches: none, gzip, snappy or lz4 (librdkafka is built
     /// without zstd). `none` by default: ~300-byte webhooks in 5 ms batches gain little, and
     /// lz4 cost 1.5-3x the CPU per message and 30% of the throughput in the benchmarks; choose
@@ -193,5 +211,27 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    #[test]
+    fn produce_requests_in_flight_default_to_two_and_stay_within_idempotence() {
+        let cli = Cli::try_parse_from(["ingest-gateway"]).expect("defaults parse");
+        assert_eq!(cli.config.producer_in_flight_requests, 2);
+        // librdkafka refuses an idempotent producer with more than 5; say so before it does.
+        for refused in ["0", "6"] {
+            let error =
+                Cli::try_parse_from(["ingest-gateway", "--producer-in-flight-requests", refused])
+                    .expect_err(refused)
+                    .to_string();
+            assert!(error.contains("--producer-in-flight-requests"), "{error}");
+            assert!(error.contains("1..=5"), "{error}");
+        }
     }
 }

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
             queue_messages: config.producer_queue_messages,
             queue_bytes: config.producer_queue_bytes,
             linger: config.producer_linger,
+            in_flight_requests: config.producer_in_flight_requests,
             compression: config.producer_compression.clone(),
             message_timeout: config.producer_message_timeout,
             max_body_bytes: config.max_body_bytes,

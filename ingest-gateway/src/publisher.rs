@@ -109,6 +109,8 @@ pub struct ProducerSettings {
     pub queue_messages: usize,
     pub queue_bytes: usize,
     pub linger: Duration,
+    /// librdkafka `max.in.flight.requests.per.connection` (see `HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS`).
+    pub in_flight_requests: u8,
     pub compression: String,
     /// librdkafka `message.timeout.ms`; zero is unbounded.
     pub message_timeout: Duration,
@@ -146,6 +148,12 @@ pub fn producer_config(base: ClientConfig, settings: &ProducerSettings) -> Clien
             required_message_bytes(settings.max_body_bytes).to_string(),
         )
         .set("linger.ms", settings.linger.as_millis().to_string())
+        // Below the partitions a broker leads, so that a partition whose batch is ready while
+        // its request is out does not make librdkafka's broker thread poll without waiting.
+        .set(
+            "max.in.flight.requests.per.connection",
+            settings.in_flight_requests.to_string(),
+        )
         .set("compression.type", &settings.compression)
         // Keyed by hit_id: spread evenly, and every copy of a hit lands on one partition.
         .set("partitioner", "murmur2_random");
@@ -485,6 +493,7 @@ mod tests {
                 queue_messages: 10,
                 queue_bytes: 8 * 1024 * 1024,
                 linger: Duration::from_millis(5),
+                in_flight_requests: 2,
                 compression: "none".into(),
                 message_timeout: Duration::from_secs(30),
                 max_body_bytes: 1024 * 1024,
@@ -494,5 +503,9 @@ mod tests {
         assert_eq!(config.get("queue.buffering.max.kbytes"), Some("8192"));
         assert_eq!(config.get("message.timeout.ms"), Some("30000"));
         assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(
+            config.get("max.in.flight.requests.per.connection"),
+            Some("2")
+        );
     }
 }

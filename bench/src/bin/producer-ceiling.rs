@@ -33,6 +33,9 @@ struct Args {
     linger: Duration,
     #[arg(long, default_value = "none")]
     compression: String,
+    /// The gateway's default (HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS).
+    #[arg(long, default_value_t = 2)]
+    in_flight_requests: u8,
     /// The stream id in the envelopes (a fresh one if not given).
     #[arg(long)]
     stream: Option<uuid::Uuid>,
@@ -86,6 +89,7 @@ async fn main() {
             queue_messages: 100_000,
             queue_bytes: 64 * 1024 * 1024,
             linger: args.linger,
+            in_flight_requests: args.in_flight_requests,
             compression: args.compression.clone(),
             message_timeout: Duration::ZERO,
             max_body_bytes: 1024 * 1024,
