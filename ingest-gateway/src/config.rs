@@ -127,8 +127,10 @@ pub struct Config {
     pub producer_queue_messages: usize,
 
     /// How long the producer waits to fill a batch (librdkafka `linger.ms`). 5 ms measured
-    /// best against the local broker (docs/benchmarks.md): below it librdkafka wakes so often
-    /// that its CPU per message is 3-4x higher, and smaller batches lower throughput.
+    /// best against the local broker (docs/benchmarks.md, round 6, at 256 connections): 1 ms
+    /// cost about the same CPU per message but lost a tenth of the throughput and added 13 ms
+    /// of p99; 20 ms halved the throughput of senders that wait for their answers. (Before
+    /// `producer_in_flight_requests`, a shorter linger also made librdkafka poll more.)
     #[arg(long, env = "HOOKPIPE_PRODUCER_LINGER", default_value = "5ms", value_parser = parse_duration)]
     pub producer_linger: Duration,
 

@@ -109,7 +109,8 @@ pub struct ProducerSettings {
     pub queue_messages: usize,
     pub queue_bytes: usize,
     pub linger: Duration,
-    /// librdkafka `max.in.flight.requests.per.connection` (see `HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS`).
+    /// librdkafka `max.in.flight.requests.per.connection`
+    /// (see `HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS`).
     pub in_flight_requests: u8,
     pub compression: String,
     /// librdkafka `message.timeout.ms`; zero is unbounded.
