@@ -147,7 +147,7 @@ pub struct Config {
     #[arg(
         long,
         env = "HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS",
-        default_value_t = 2,
+        default_value_t = crate::publisher::DEFAULT_IN_FLIGHT_REQUESTS,
         value_parser = clap::value_parser!(u8).range(1..=5)
     )]
     pub producer_in_flight_requests: u8,

@@ -103,6 +103,11 @@ pub fn required_message_bytes(max_body_bytes: usize) -> usize {
     max_record_bytes(max_body_bytes) + RECORD_FRAMING
 }
 
+/// Produce requests in flight per broker connection unless configured: the default of
+/// `HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS` (config.rs says why 2), shared with the benchmarks'
+/// raw producer so both run the same settings.
+pub const DEFAULT_IN_FLIGHT_REQUESTS: u8 = 2;
+
 /// Producer settings from the gateway's configuration.
 #[derive(Clone, Debug)]
 pub struct ProducerSettings {

@@ -34,7 +34,7 @@ struct Args {
     #[arg(long, default_value = "none")]
     compression: String,
     /// The gateway's default (HOOKPIPE_PRODUCER_IN_FLIGHT_REQUESTS).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = ingest_gateway::publisher::DEFAULT_IN_FLIGHT_REQUESTS)]
     in_flight_requests: u8,
     /// The stream id in the envelopes (a fresh one if not given).
     #[arg(long)]
