@@ -6,6 +6,12 @@
 //! each secret, and only the gateway resolves them (the sink does not need them).
 
 use std::collections::HashMap;
+
+/// A map keyed by stream id, for the look-ups every request makes. foldhash rather than the
+/// standard SipHash: the keys come from the catalogue (nothing a sender controls is inserted, so
+/// flooding one bucket is not a concern) and a lookup costs a fraction (docs/benchmarks.md,
+/// "Issue #14, round 7").
+pub type UuidMap<V> = HashMap<Uuid, V, foldhash::fast::RandomState>;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -232,7 +238,7 @@ pub struct RateLimit {
 /// All streams, by id.
 #[derive(Clone, Debug, Default)]
 pub struct Catalogue {
-    streams: HashMap<Uuid, Arc<Stream>>,
+    streams: UuidMap<Arc<Stream>>,
     /// Order of the file, for listings.
     order: Vec<Uuid>,
 }

@@ -1,7 +1,6 @@
 //! The webhook HTTP API: `POST|GET /ds/{stream_id}`. Builds the router from explicit state so
 //! tests drive it with `oneshot`, exactly as the server runs it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -22,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hookpipe_common::Catalogue;
-use hookpipe_common::catalogue::{RateLimit, Shared};
+use hookpipe_common::catalogue::{RateLimit, Shared, UuidMap};
 use http_body_util::BodyExt;
 use prometheus::{IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
@@ -42,16 +41,16 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 #[derive(Debug, Default)]
 pub struct GatewayStreams {
     pub catalogue: Catalogue,
-    pub verifiers: HashMap<Uuid, Verifier>,
+    pub verifiers: UuidMap<Verifier>,
     /// Each stream's table and zone as the envelope carries them, formatted once per catalogue
     /// version rather than per request.
-    pub placements: HashMap<Uuid, Placement>,
+    pub placements: UuidMap<Placement>,
     /// Each rate-limited stream's token bucket, with the limit it was made for.
-    pub limiters: HashMap<Uuid, (RateLimit, Arc<DefaultDirectRateLimiter>)>,
+    pub limiters: UuidMap<(RateLimit, Arc<DefaultDirectRateLimiter>)>,
     /// Each stream's `requests_total{status="202"}` counter and last-accepted gauge, resolved
     /// once per catalogue version (see [`GatewayStreams::counted_by`]) instead of looked up by
     /// label per request.
-    pub accepted: HashMap<Uuid, (IntCounter, IntGauge)>,
+    pub accepted: UuidMap<(IntCounter, IntGauge)>,
     /// Every secret file the verifiers were built from, with a digest of the content they
     /// hold, so a rotated file (a Kubernetes Secret updated in place) is noticed.
     secret_files: Vec<(PathBuf, [u8; 32])>,
@@ -91,7 +90,7 @@ impl GatewayStreams {
                 Some((s.id, (limit, limiter)))
             })
             .collect();
-        let mut verifiers = HashMap::new();
+        let mut verifiers = UuidMap::default();
         let placements = catalogue
             .streams()
             .map(|s| {
@@ -127,7 +126,7 @@ impl GatewayStreams {
             verifiers,
             placements,
             limiters,
-            accepted: HashMap::new(),
+            accepted: UuidMap::default(),
             secret_files,
         })
     }

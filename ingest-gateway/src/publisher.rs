@@ -3,13 +3,16 @@
 //! (`acks=all`, idempotent producer), which is what lets the gateway promise a 202 means durable.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hookpipe_common::kafka::ClientHealth;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 
 /// Why a message did not reach the broker. Every variant but `TooLarge` means the sender must
@@ -168,11 +171,13 @@ pub fn producer_config(base: ClientConfig, settings: &ProducerSettings) -> Clien
 
 /// What librdkafka reports outside of deliveries: "every broker is down" (the quickest sign
 /// that new messages would only wait in the queue), and configuration problems (TLS, SASL),
-/// recorded once per cause for `/readyz`.
+/// recorded once per cause for `/readyz`. It also receives every delivery report (in
+/// librdkafka's polling thread) and hands it to the request waiting for it.
 #[derive(Clone, Default)]
 pub struct GatewayContext {
     brokers_down: Arc<AtomicBool>,
     pub health: ClientHealth,
+    deliveries: Arc<Deliveries>,
 }
 
 impl ClientContext for GatewayContext {
@@ -188,88 +193,245 @@ impl ClientContext for GatewayContext {
     }
 }
 
-/// Messages handed to the producer and not yet settled (acknowledged or failed), by the
-/// instant each was handed over. The oldest one's age is how long the broker has not answered.
-#[derive(Default)]
-struct Unsettled {
-    next: AtomicU64,
-    since: Mutex<BTreeMap<u64, Instant>>,
+impl ProducerContext for GatewayContext {
+    /// The message's id in [`Deliveries`]: a number, not a box, so handing a message over
+    /// allocates nothing of ours.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
+        let outcome = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|(error, _)| error.clone());
+        if outcome.is_ok() {
+            self.brokers_down.store(false, Ordering::Relaxed);
+        }
+        self.deliveries.settle(id as u64, outcome);
+    }
 }
 
-impl Unsettled {
-    fn add(&self) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut since) = self.since.lock() {
-            since.insert(id, Instant::now());
-        }
-        id
+/// What the broker answered for one message.
+type Outcome = Result<(), KafkaError>;
+
+/// One message handed to the producer and not yet settled.
+struct Entry {
+    /// When it was handed over: the oldest entry's age is how long the broker has not answered.
+    since: Instant,
+    /// The request waiting for it, to wake when the answer (or its deadline) comes.
+    waker: Option<Waker>,
+    outcome: Option<Outcome>,
+    /// Its request was answered "not acknowledged in time" by the sweeper.
+    timed_out: bool,
+    /// Nobody waits any more (answered on timeout, or the client went away): the entry only
+    /// keeps the message counted as unsettled until the producer settles it.
+    abandoned: bool,
+}
+
+#[derive(Default)]
+struct Ledger {
+    next: u64,
+    /// Entries below this id have been past their deadline already (see [`Deliveries::sweep`]).
+    swept: u64,
+    /// By id; ids are handed out under the lock with the time, so the first entry is the oldest.
+    entries: BTreeMap<u64, Entry>,
+}
+
+/// Every message handed to the producer and not yet settled, with the request waiting for it.
+///
+/// One map behind one lock instead of a channel, a timer and a bookkeeping entry per message
+/// (what `FutureProducer`, `tokio::time::timeout` and the stall check cost before: about 2,000
+/// instructions per request, docs/benchmarks.md "Issue #14, round 7"). The publish timeout is
+/// kept by one sweeper task for all requests ([`sweep`]), which wakes only when the oldest
+/// waiting message reaches its deadline.
+#[derive(Default)]
+struct Deliveries {
+    ledger: Mutex<Ledger>,
+    sweeper: OnceLock<()>,
+}
+
+impl Deliveries {
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn settle(&self, id: u64) {
-        if let Ok(mut since) = self.since.lock() {
-            since.remove(&id);
+    /// Records a message about to be handed over, unless the broker has left one unanswered
+    /// for longer than `timeout` (then the stall rule keeps new messages out of the queue).
+    fn admit(&self, timeout: Duration) -> Result<u64, PublishError> {
+        let now = Instant::now();
+        let mut ledger = self.ledger();
+        if let Some((_, oldest)) = ledger.entries.first_key_value()
+            && now.saturating_duration_since(oldest.since) > timeout
+        {
+            return Err(PublishError::Stalled);
         }
+        let id = ledger.next;
+        ledger.next += 1;
+        ledger.entries.insert(
+            id,
+            Entry {
+                since: now,
+                waker: None,
+                outcome: None,
+                timed_out: false,
+                abandoned: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The producer's answer for a message (or, for one it refused at once, its removal).
+    fn settle(&self, id: u64, outcome: Outcome) {
+        let waker = {
+            let mut ledger = self.ledger();
+            let Some(entry) = ledger.entries.get_mut(&id) else {
+                return;
+            };
+            if entry.abandoned {
+                ledger.entries.remove(&id);
+                return;
+            }
+            entry.outcome = Some(outcome);
+            entry.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.ledger().entries.remove(&id);
+    }
+
+    /// The answer for `id` once there is one, or `Err(())` once its deadline passed.
+    fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Outcome, ()>> {
+        let mut ledger = self.ledger();
+        let Some(entry) = ledger.entries.get_mut(&id) else {
+            return Poll::Ready(Ok(Err(KafkaError::Canceled)));
+        };
+        if entry.outcome.is_some() {
+            let outcome = ledger.entries.remove(&id).and_then(|e| e.outcome);
+            return Poll::Ready(Ok(outcome.unwrap_or(Err(KafkaError::Canceled))));
+        }
+        if entry.timed_out {
+            entry.abandoned = true;
+            entry.waker = None;
+            return Poll::Ready(Err(()));
+        }
+        match &mut entry.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => entry.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The request stopped waiting before its answer came.
+    fn abandon(&self, id: u64) {
+        let mut ledger = self.ledger();
+        if let Some(entry) = ledger.entries.get_mut(&id) {
+            if entry.outcome.is_some() {
+                ledger.entries.remove(&id);
+            } else {
+                entry.abandoned = true;
+                entry.waker = None;
+            }
+        }
+    }
+
+    /// Marks every message handed over more than `timeout` before `now` as past its deadline
+    /// and wakes its request; returns when the next one will be (`None`: nothing waits).
+    /// Ids rise with time, so each entry is looked at once.
+    fn sweep(&self, now: Instant, timeout: Duration) -> Option<Instant> {
+        let mut due = Vec::new();
+        let next = {
+            let mut ledger = self.ledger();
+            let Ledger { swept, entries, .. } = &mut *ledger;
+            let mut next = None;
+            for (id, entry) in entries.range_mut(*swept..) {
+                let deadline = entry.since + timeout;
+                if deadline > now {
+                    next = Some(deadline);
+                    break;
+                }
+                *swept = id + 1;
+                if entry.outcome.is_none() && !entry.abandoned {
+                    entry.timed_out = true;
+                    due.extend(entry.waker.take());
+                }
+            }
+            next
+        };
+        due.into_iter().for_each(Waker::wake);
+        next
+    }
+
+    /// Starts the sweeper (once, from the first publish: it needs the runtime). It ends when
+    /// the publisher is dropped.
+    fn start_sweeper(self: &Arc<Self>, timeout: Duration) {
+        self.sweeper.get_or_init(|| {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    let now = Instant::now();
+                    let Some(deliveries) = weak.upgrade() else {
+                        return;
+                    };
+                    // Nothing waiting: anything handed over from now on is due after `timeout`.
+                    let next = deliveries.sweep(now, timeout).unwrap_or(now + timeout);
+                    drop(deliveries);
+                    tokio::time::sleep_until(next.into()).await;
+                }
+            });
+        });
     }
 
     fn oldest_age(&self) -> Option<Duration> {
-        let since = self.since.lock().ok()?;
-        since.values().next().map(Instant::elapsed)
+        let ledger = self.ledger();
+        ledger.entries.values().next().map(|e| e.since.elapsed())
     }
 
     fn len(&self) -> usize {
-        self.since.lock().map(|s| s.len()).unwrap_or(0)
+        self.ledger().entries.len()
     }
 }
 
-/// One message's delivery, kept track of even when the request stops waiting for it (the
-/// answer deadline passed, or the client went away): the rest of the wait moves to a task, so
-/// the message counts as unsettled until the producer really settles it.
-struct Delivery {
+/// The wait for one message's answer. Dropped before the answer (the client went away), it
+/// leaves the message counted as unsettled until the producer settles it.
+struct Acknowledgement<'a> {
+    deliveries: &'a Deliveries,
     id: u64,
-    unsettled: Arc<Unsettled>,
-    brokers_down: Arc<AtomicBool>,
-    future: Option<DeliveryFuture>,
+    finished: bool,
 }
 
-impl Delivery {
-    fn settled(&mut self, acknowledged: bool) {
-        self.future = None;
-        self.unsettled.settle(self.id);
-        if acknowledged {
-            self.brokers_down.store(false, Ordering::Relaxed);
+impl Future for Acknowledgement<'_> {
+    type Output = Result<Outcome, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let polled = self.deliveries.poll_outcome(self.id, cx);
+        if polled.is_ready() {
+            self.finished = true;
         }
+        polled
     }
 }
 
-impl Drop for Delivery {
+impl Drop for Acknowledgement<'_> {
     fn drop(&mut self) {
-        let Some(future) = self.future.take() else {
-            return;
-        };
-        let (id, unsettled, down) = (self.id, self.unsettled.clone(), self.brokers_down.clone());
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Ok(Ok(_)) = future.await {
-                        down.store(false, Ordering::Relaxed);
-                    }
-                    unsettled.settle(id);
-                });
-            }
-            Err(_) => unsettled.settle(id),
+        if !self.finished {
+            self.deliveries.abandon(self.id);
         }
     }
 }
+
+type GatewayProducer = ThreadedProducer<GatewayContext>;
 
 pub struct KafkaPublisher {
     config: ClientConfig,
     /// The producer in use. Replaced when the broker keeps refusing it (see `rebuild`).
-    producer: RwLock<Arc<FutureProducer<GatewayContext>>>,
+    producer: RwLock<Arc<GatewayProducer>>,
     context: GatewayContext,
     last_rebuild: Mutex<Instant>,
     topic: String,
     publish_timeout: Duration,
-    unsettled: Arc<Unsettled>,
     max_record_bytes: usize,
 }
 
@@ -295,12 +457,11 @@ impl KafkaPublisher {
             last_rebuild: Mutex::new(Instant::now()),
             topic,
             publish_timeout,
-            unsettled: Arc::default(),
             max_record_bytes: max_record_bytes(max_body_bytes),
         })
     }
 
-    fn current(&self) -> Arc<FutureProducer<GatewayContext>> {
+    fn current(&self) -> Arc<GatewayProducer> {
         match self.producer.read() {
             Ok(p) => Arc::clone(&p),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
@@ -311,7 +472,8 @@ impl KafkaPublisher {
     /// message unanswered for longer than the publish timeout, or every broker is down.
     pub fn stalled(&self) -> Option<&'static str> {
         if self
-            .unsettled
+            .context
+            .deliveries
             .oldest_age()
             .is_some_and(|age| age > self.publish_timeout)
         {
@@ -330,7 +492,8 @@ impl KafkaPublisher {
     /// numbers across broker trouble; if the broker lost or cannot match that state (tansu,
     /// after the epoch bump librdkafka makes when messages time out, refuses every later
     /// message), only a new producer id recovers. The old producer is flushed and dropped off
-    /// the runtime; its messages stay counted as unsettled until it settles them.
+    /// the runtime; its messages stay counted as unsettled until it settles them (its delivery
+    /// reports come to the same [`Deliveries`]).
     fn rebuild(&self) {
         {
             let Ok(mut last) = self.last_rebuild.lock() else {
@@ -341,14 +504,13 @@ impl KafkaPublisher {
             }
             *last = Instant::now();
         }
-        let fresh: FutureProducer<GatewayContext> =
-            match self.config.create_with_context(self.context.clone()) {
-                Ok(p) => p,
-                Err(error) => {
-                    tracing::error!(%error, "creating a replacement producer failed");
-                    return;
-                }
-            };
+        let fresh: GatewayProducer = match self.config.create_with_context(self.context.clone()) {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::error!(%error, "creating a replacement producer failed");
+                return;
+            }
+        };
         let old = match self.producer.write() {
             Ok(mut guard) => std::mem::replace(&mut *guard, Arc::new(fresh)),
             Err(_) => return,
@@ -376,57 +538,58 @@ impl Publish for KafkaPublisher {
         if key.len() + value.len() > self.max_record_bytes {
             return Err(PublishError::TooLarge);
         }
-        if self.stalled().is_some() {
+        if self.context.brokers_down.load(Ordering::Relaxed) {
             return Err(PublishError::Stalled);
         }
-        let record = FutureRecord::to(&self.topic).key(key).payload(&value);
+        let deliveries = &self.context.deliveries;
+        deliveries.start_sweeper(self.publish_timeout);
+        let id = deliveries.admit(self.publish_timeout)?;
+        let record = BaseRecord::with_opaque_to(&self.topic, id as usize)
+            .key(key)
+            .payload(&value);
         let sent = self
             .current()
-            .send_result(record)
+            .send(record)
             .map_err(|(error, _record)| error);
         // librdkafka copied the message: ours is not needed during the wait.
         drop(value);
-        let future = match sent {
-            Ok(future) => future,
-            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                return Err(PublishError::QueueFull);
-            }
-            Err(error) if too_large(&error) => return Err(PublishError::TooLarge),
-            Err(error) => {
-                self.rebuild();
-                return Err(PublishError::Broker(error.to_string()));
-            }
+        if let Err(error) = sent {
+            deliveries.forget(id);
+            return Err(match error {
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                    PublishError::QueueFull
+                }
+                error if too_large(&error) => PublishError::TooLarge,
+                error => {
+                    self.rebuild();
+                    PublishError::Broker(error.to_string())
+                }
+            });
+        }
+        let acknowledgement = Acknowledgement {
+            deliveries,
+            id,
+            finished: false,
         };
-        let mut delivery = Delivery {
-            id: self.unsettled.add(),
-            unsettled: self.unsettled.clone(),
-            brokers_down: self.context.brokers_down.clone(),
-            future: Some(future),
-        };
-        let Some(future) = delivery.future.as_mut() else {
-            return Err(PublishError::Broker("delivery lost".into()));
-        };
-        // On timeout `delivery` is dropped still holding its future: the wait goes on in a task.
-        let outcome = tokio::time::timeout(self.publish_timeout, future)
-            .await
-            .map_err(|_elapsed| PublishError::Timeout)?;
-        delivery.settled(matches!(outcome, Ok(Ok(_))));
-        match outcome {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+        match acknowledgement.await {
+            Ok(Ok(())) => Ok(()),
+            // The sweeper found it past HOOKPIPE_PUBLISH_TIMEOUT; the message stays counted as
+            // unsettled until the producer settles it.
+            Err(()) => Err(PublishError::Timeout),
+            Ok(Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut))) => {
                 Err(PublishError::Timeout)
             }
-            Ok(Err((error, _))) if too_large(&error) => Err(PublishError::TooLarge),
-            Ok(Err((error, _))) => {
+            Ok(Err(error)) if too_large(&error) => Err(PublishError::TooLarge),
+            Ok(Err(KafkaError::Canceled)) => Err(PublishError::Broker("producer closed".into())),
+            Ok(Err(error)) => {
                 self.rebuild();
                 Err(PublishError::Broker(error.to_string()))
             }
-            Err(_canceled) => Err(PublishError::Broker("producer closed".into())),
         }
     }
 
     fn queue_len(&self) -> usize {
-        self.unsettled.len()
+        self.context.deliveries.len()
     }
 
     fn check_ready(&self, timeout: Duration) -> Result<(), String> {
@@ -489,6 +652,121 @@ mod tests {
             ),
             "{outcome:?}"
         );
+    }
+
+    /// A waker that counts how often it was woken.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl Counting {
+        fn woken(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn an_answer_wakes_its_request_once_and_settles_the_message() {
+        let deliveries = Deliveries::default();
+        let counting = Arc::new(Counting::default());
+        let waker = Waker::from(counting.clone());
+        let mut cx = Context::from_waker(&waker);
+        let id = deliveries.admit(TIMEOUT).unwrap();
+        assert!(deliveries.poll_outcome(id, &mut cx).is_pending());
+        assert_eq!(deliveries.len(), 1, "unsettled while waiting");
+        deliveries.settle(id, Ok(()));
+        assert_eq!(counting.woken(), 1);
+        assert!(matches!(
+            deliveries.poll_outcome(id, &mut cx),
+            Poll::Ready(Ok(Ok(())))
+        ));
+        assert_eq!(
+            deliveries.len(),
+            0,
+            "settled once its request has the answer"
+        );
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_is_answered_and_its_message_stays_unsettled() {
+        let deliveries = Deliveries::default();
+        let counting = Arc::new(Counting::default());
+        let waker = Waker::from(counting.clone());
+        let mut cx = Context::from_waker(&waker);
+        let first = deliveries.admit(TIMEOUT).unwrap();
+        let second = deliveries.admit(TIMEOUT).unwrap();
+        assert!(deliveries.poll_outcome(first, &mut cx).is_pending());
+        assert!(deliveries.poll_outcome(second, &mut cx).is_pending());
+        let start = Instant::now();
+        // Before the deadline nothing is due; the sweeper is told when the first one will be.
+        let next = deliveries
+            .sweep(start, TIMEOUT)
+            .expect("a deadline to wait for");
+        assert!(next > start && next <= start + TIMEOUT + Duration::from_secs(1));
+        assert_eq!(counting.woken(), 0);
+        // Past it, both requests are woken once and answered "not in time".
+        assert_eq!(deliveries.sweep(start + 2 * TIMEOUT, TIMEOUT), None);
+        assert_eq!(counting.woken(), 2);
+        assert!(matches!(
+            deliveries.poll_outcome(first, &mut cx),
+            Poll::Ready(Err(()))
+        ));
+        assert!(matches!(
+            deliveries.poll_outcome(second, &mut cx),
+            Poll::Ready(Err(()))
+        ));
+        // A second sweep looks at nothing again.
+        assert_eq!(deliveries.sweep(start + 3 * TIMEOUT, TIMEOUT), None);
+        assert_eq!(counting.woken(), 2);
+        // Both still count for the stall rule until the producer settles them.
+        assert_eq!(deliveries.len(), 2);
+        deliveries.settle(first, Ok(()));
+        deliveries.settle(second, Err(KafkaError::Canceled));
+        assert_eq!(deliveries.len(), 0);
+    }
+
+    #[test]
+    fn a_request_that_went_away_leaves_its_message_unsettled_until_the_answer() {
+        let deliveries = Deliveries::default();
+        let id = deliveries.admit(TIMEOUT).unwrap();
+        let waiting = Acknowledgement {
+            deliveries: &deliveries,
+            id,
+            finished: false,
+        };
+        drop(waiting);
+        assert_eq!(deliveries.len(), 1);
+        deliveries.settle(id, Ok(()));
+        assert_eq!(deliveries.len(), 0);
+        // An answer that came before the request went away settles it as the request leaves.
+        let id = deliveries.admit(TIMEOUT).unwrap();
+        deliveries.settle(id, Ok(()));
+        drop(Acknowledgement {
+            deliveries: &deliveries,
+            id,
+            finished: false,
+        });
+        assert_eq!(deliveries.len(), 0);
+    }
+
+    #[test]
+    fn a_message_unanswered_past_the_timeout_keeps_new_ones_out() {
+        let deliveries = Deliveries::default();
+        let old = deliveries.admit(TIMEOUT).unwrap();
+        // Zero: the message handed over above is already older than that.
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(deliveries.admit(Duration::ZERO), Err(PublishError::Stalled));
+        assert_eq!(deliveries.len(), 1, "the refused one was not recorded");
+        deliveries.settle(old, Ok(()));
+        deliveries.forget(old);
+        assert!(deliveries.admit(Duration::ZERO).is_ok());
     }
 
     #[test]

@@ -8,10 +8,14 @@
 //! both versions on one port costs every connection hyper_util's version detection and a
 //! connection state sized for HTTP/2 (see docs/benchmarks.md: peak RSS at 1,000 connections).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
 use std::time::Duration;
 
 use axum::http::Request;
@@ -22,9 +26,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Largest request head (request line and headers) the gateway reads.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -49,6 +54,56 @@ where
     response.map(Ok)
 }
 
+/// Tells open connections to finish their request and close, at shutdown. hyper_util's
+/// `GracefulShutdown` does this with a `watch` channel that every connection polls each time it
+/// is woken (about 500 instructions per request, docs/benchmarks.md "Issue #14, round 7"); here
+/// a connection checks one flag per poll and hands its task's waker over once, when it opens.
+#[derive(Default)]
+struct Closing {
+    now: AtomicBool,
+    next: AtomicU64,
+    wakers: Mutex<HashMap<u64, Waker>>,
+}
+
+impl Closing {
+    fn wakers(&self) -> MutexGuard<'_, HashMap<u64, Waker>> {
+        self.wakers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the flag, then wakes every connection that registered before: one that registers
+    /// after finds the flag set (the lock orders the two).
+    fn close_all(&self) {
+        self.now.store(true, Ordering::Release);
+        let wakers: Vec<Waker> = self.wakers().values().cloned().collect();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Serves `connection` until it ends, shutting it down gracefully once [`Self::close_all`]
+    /// is called. Polled as its task's own future, so the waker registered on the first poll
+    /// stays the one that wakes the task.
+    async fn watch<C: GracefulConnection>(&self, connection: C) -> Result<(), C::Error> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut connection = pin!(connection);
+        let (mut registered, mut told) = (false, false);
+        let served = std::future::poll_fn(|cx| {
+            if !told {
+                if !registered {
+                    self.wakers().insert(id, cx.waker().clone());
+                    registered = true;
+                }
+                if self.now.load(Ordering::Acquire) {
+                    connection.as_mut().graceful_shutdown();
+                    told = true;
+                }
+            }
+            connection.as_mut().poll(cx)
+        })
+        .await;
+        self.wakers().remove(&id);
+        served
+    }
+}
+
 /// Serves `handler` until `cancel` fires, then stops accepting and waits up to `drain` for
 /// open requests to finish. The handler gets each request with the peer's address; hyper
 /// calls it directly (no router, no boxed body or future per request: see
@@ -64,7 +119,8 @@ pub async fn serve<H, F>(
     F: Future<Output = Response> + Send + 'static,
 {
     let header_timeout = options.header_timeout;
-    let graceful = GracefulShutdown::new();
+    let closing = Arc::new(Closing::default());
+    let connections = TaskTracker::new();
     let mut http1 = http1::Builder::new();
     http1
         .timer(TokioTimer::new())
@@ -109,8 +165,8 @@ pub async fn serve<H, F>(
         let service =
             service_fn(move |request: Request<Incoming>| for_hyper(handler(request, peer)));
         let (http1, both) = (http1.clone(), both.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let closing = closing.clone();
+        connections.spawn(async move {
             // hyper's header timeout starts at the first byte: a client that connects and
             // says nothing is dropped here instead.
             let mut first = [0u8; 1];
@@ -121,14 +177,14 @@ pub async fn serve<H, F>(
             let io = TokioIo::new(stream);
             let served = match both {
                 Some(both) => Box::pin(
-                    watcher.watch(
+                    closing.watch(
                         both.serve_connection_with_upgrades(io, service)
                             .into_owned(),
                     ),
                 )
                 .await
                 .map_err(|e| e.to_string()),
-                None => watcher
+                None => closing
                     .watch(http1.serve_connection(io, service))
                     .await
                     .map_err(|e| e.to_string()),
@@ -139,10 +195,91 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    connections.close();
+    closing.close_all();
+    if tokio::time::timeout(drain, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout reached with requests still in flight");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::sync::Notify;
+
+    const REQUEST: &[u8] = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi";
+
+    /// Reads one response's head and its `ok` body off a keep-alive connection.
+    async fn read_response(stream: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before the response: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    /// At shutdown an idle keep-alive connection is closed at once and a request in flight is
+    /// answered before its connection closes; the server returns without waiting out the drain.
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_and_finishes_requests_in_flight() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let release = Arc::new(Notify::new());
+        let entered = Arc::new(Notify::new());
+        let handler = {
+            let (release, entered) = (release.clone(), entered.clone());
+            move |request: Request<Incoming>, _peer: SocketAddr| {
+                let (release, entered) = (release.clone(), entered.clone());
+                async move {
+                    if request.headers().contains_key("x-wait") {
+                        entered.notify_one();
+                        release.notified().await;
+                    }
+                    Response::new(axum::body::Body::from("ok"))
+                }
+            }
+        };
+        let cancel = CancellationToken::new();
+        let options = ServeOptions {
+            header_timeout: Duration::from_secs(30),
+            http2: false,
+        };
+        let drain = Duration::from_secs(60);
+        let server = tokio::spawn(serve(listener, handler, options, cancel.clone(), drain));
+
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(REQUEST).await.unwrap();
+        assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        let waiting =
+            [&b"POST /x HTTP/1.1\r\nHost: t\r\nX-Wait: 1\r\nContent-Length: 2\r\n\r\nhi"[..]]
+                .concat();
+        busy.write_all(&waiting).await.unwrap();
+        entered.notified().await;
+
+        cancel.cancel();
+        // The idle connection is closed by the server (EOF), long before the drain's 60 s.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut rest));
+        assert_eq!(read.await.expect("idle connection closed").unwrap(), 0);
+        assert!(!server.is_finished(), "a request is still in flight");
+
+        release.notify_one();
+        let answer = read_response(&mut busy).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let mut rest = Vec::new();
+        busy.read_to_end(&mut rest).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("server returned once its connections closed")
+            .unwrap();
     }
 }
