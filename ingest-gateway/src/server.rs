@@ -83,9 +83,11 @@ impl Closing {
     /// stays the one that wakes the task.
     async fn watch<C: GracefulConnection>(&self, connection: C) -> Result<(), C::Error> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // Unregisters however the connection ends (also if its task is dropped).
+        let _registration = Registration { closing: self, id };
         let mut connection = pin!(connection);
         let (mut registered, mut told) = (false, false);
-        let served = std::future::poll_fn(|cx| {
+        std::future::poll_fn(|cx| {
             if !told {
                 if !registered {
                     self.wakers().insert(id, cx.waker().clone());
@@ -98,9 +100,19 @@ impl Closing {
             }
             connection.as_mut().poll(cx)
         })
-        .await;
-        self.wakers().remove(&id);
-        served
+        .await
+    }
+}
+
+/// A connection's entry in [`Closing`]'s wakers, removed when the connection ends.
+struct Registration<'a> {
+    closing: &'a Closing,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.closing.wakers().remove(&self.id);
     }
 }
 
