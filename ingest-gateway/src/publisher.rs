@@ -668,6 +668,11 @@ mod tests {
         fn woken(&self) -> usize {
             self.0.load(Ordering::Relaxed)
         }
+
+        fn waker() -> (Arc<Self>, Waker) {
+            let counting = Arc::new(Self::default());
+            (counting.clone(), Waker::from(counting))
+        }
     }
 
     const TIMEOUT: Duration = Duration::from_secs(10);
@@ -675,8 +680,7 @@ mod tests {
     #[test]
     fn an_answer_wakes_its_request_once_and_settles_the_message() {
         let deliveries = Deliveries::default();
-        let counting = Arc::new(Counting::default());
-        let waker = Waker::from(counting.clone());
+        let (counting, waker) = Counting::waker();
         let mut cx = Context::from_waker(&waker);
         let id = deliveries.admit(TIMEOUT).unwrap();
         assert!(deliveries.poll_outcome(id, &mut cx).is_pending());
@@ -697,8 +701,7 @@ mod tests {
     #[test]
     fn a_request_past_its_deadline_is_answered_and_its_message_stays_unsettled() {
         let deliveries = Deliveries::default();
-        let counting = Arc::new(Counting::default());
-        let waker = Waker::from(counting.clone());
+        let (counting, waker) = Counting::waker();
         let mut cx = Context::from_waker(&waker);
         let first = deliveries.admit(TIMEOUT).unwrap();
         let second = deliveries.admit(TIMEOUT).unwrap();
