@@ -194,8 +194,8 @@ impl ClientContext for GatewayContext {
 }
 
 impl ProducerContext for GatewayContext {
-    /// The message's id in [`Deliveries`]: a number, not a box, so handing a message over
-    /// allocates nothing of ours.
+    /// The message's id in the gateway's delivery ledger: a number, not a box, so handing a
+    /// message over allocates nothing of ours.
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
@@ -241,8 +241,8 @@ struct Ledger {
 /// One map behind one lock instead of a channel, a timer and a bookkeeping entry per message
 /// (what `FutureProducer`, `tokio::time::timeout` and the stall check cost before: about 2,000
 /// instructions per request, docs/benchmarks.md "Issue #14, round 7"). The publish timeout is
-/// kept by one sweeper task for all requests ([`sweep`]), which wakes only when the oldest
-/// waiting message reaches its deadline.
+/// kept by one sweeper task for all requests ([`Deliveries::sweep`]), which wakes only when the
+/// oldest waiting message reaches its deadline.
 #[derive(Default)]
 struct Deliveries {
     ledger: Mutex<Ledger>,
@@ -257,8 +257,9 @@ impl Deliveries {
     /// Records a message about to be handed over, unless the broker has left one unanswered
     /// for longer than `timeout` (then the stall rule keeps new messages out of the queue).
     fn admit(&self, timeout: Duration) -> Result<u64, PublishError> {
-        let now = Instant::now();
         let mut ledger = self.ledger();
+        // Read under the lock, so ids and times rise together (the sweeper relies on it).
+        let now = Instant::now();
         if let Some((_, oldest)) = ledger.entries.first_key_value()
             && now.saturating_duration_since(oldest.since) > timeout
         {
