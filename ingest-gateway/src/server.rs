@@ -47,9 +47,9 @@ pub struct ServeOptions {
 /// Ok(response.await) }`: an async block would hold the handler's future twice (as captured and
 /// as awaited), and hyper keeps this future for every connection (docs/benchmarks.md, "Issue
 /// #14, round 5").
-pub(crate) fn for_hyper<F>(response: F) -> impl Future<Output = Result<Response, Infallible>>
+pub(crate) fn for_hyper<F, B>(response: F) -> impl Future<Output = Result<Response<B>, Infallible>>
 where
-    F: Future<Output = Response>,
+    F: Future<Output = Response<B>>,
 {
     response.map(Ok)
 }
@@ -120,7 +120,7 @@ impl Drop for Registration<'_> {
 /// open requests to finish. The handler gets each request with the peer's address; hyper
 /// calls it directly (no router, no boxed body or future per request: see
 /// [`crate::http::handle`]).
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     handler: H,
     options: ServeOptions,
@@ -128,7 +128,10 @@ pub async fn serve<H, F>(
     drain: Duration,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let header_timeout = options.header_timeout;
     let closing = Arc::new(Closing::default());
