@@ -131,7 +131,12 @@ pub struct Config {
     /// cost about the same CPU per message but lost a tenth of the throughput and added 13 ms
     /// of p99; 20 ms halved the throughput of senders that wait for their answers. (Before
     /// `producer_in_flight_requests`, a shorter linger also made librdkafka poll more.)
-    #[arg(long, env = "HOOKPIPE_PRODUCER_LINGER", default_value = "5ms", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "HOOKPIPE_PRODUCER_LINGER",
+        default_value = crate::publisher::DEFAULT_LINGER,
+        value_parser = parse_duration
+    )]
     pub producer_linger: Duration,
 
     /// Produce requests in flight per broker connection (librdkafka
@@ -221,6 +226,15 @@ mod tests {
     use clap::Parser;
 
     use super::Cli;
+
+    #[test]
+    fn the_linger_defaults_to_the_measured_five_milliseconds() {
+        let cli = Cli::try_parse_from(["ingest-gateway"]).expect("defaults parse");
+        assert_eq!(
+            cli.config.producer_linger,
+            std::time::Duration::from_millis(5)
+        );
+    }
 
     #[test]
     fn produce_requests_in_flight_default_to_two_and_stay_within_idempotence() {

@@ -111,6 +111,10 @@ pub fn required_message_bytes(max_body_bytes: usize) -> usize {
 /// raw producer so both run the same settings.
 pub const DEFAULT_IN_FLIGHT_REQUESTS: u8 = 2;
 
+/// The producer's batching delay unless configured: the default of `HOOKPIPE_PRODUCER_LINGER`
+/// (config.rs says why 5 ms), shared with the benchmarks' raw producer like the one above.
+pub const DEFAULT_LINGER: &str = "5ms";
+
 /// Producer settings from the gateway's configuration.
 #[derive(Clone, Debug)]
 pub struct ProducerSettings {

@@ -29,7 +29,7 @@ struct Args {
     #[arg(long)]
     count: Option<u64>,
     /// The gateway's defaults (HOOKPIPE_PRODUCER_LINGER, HOOKPIPE_PRODUCER_COMPRESSION).
-    #[arg(long, default_value = "5ms", value_parser = hookpipe_common::parse_duration)]
+    #[arg(long, default_value = ingest_gateway::publisher::DEFAULT_LINGER, value_parser = hookpipe_common::parse_duration)]
     linger: Duration,
     #[arg(long, default_value = "none")]
     compression: String,
