@@ -159,7 +159,9 @@ pub struct Config {
     /// previous owner may have written) wait before they are looked up. A previous owner that
     /// left cleanly has stopped and finalized its streams before the assignment; one whose
     /// session expired (a pause, a partition) notices within about a heartbeat and stops then;
-    /// this is the time it gets.
+    /// this is the time it gets. After a rejoin the group guard forced, the session timeout is
+    /// added (the previous owner may be alive and hear of the new assignment only at its next
+    /// heartbeat).
     #[arg(long, env = "HOOKPIPE_FENCE_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub fence_wait: Duration,
 

@@ -45,6 +45,14 @@ pub struct SinkContext {
     pub assignment_lost: Arc<AtomicBool>,
     /// Configuration problems (TLS, SASL) librdkafka reported, once per cause, for `/readyz`.
     pub health: hookpipe_common::kafka::ClientHealth,
+    /// Set by the group guard just before it forces a rejoin; the next assignment then waits
+    /// `takeover_fence` more before its lookups (`OffsetTracker::assign_taken_over`).
+    pub takeover: AtomicBool,
+    /// The extra fence of an assignment after a forced rejoin (the session timeout).
+    pub takeover_fence: Duration,
+    /// Set while the sink drains on shutdown: partitions assigned meanwhile stay paused (the
+    /// process is leaving; their records are for the next owner).
+    pub draining: AtomicBool,
 }
 
 pub type SinkConsumer = StreamConsumer<SinkContext>;
@@ -146,14 +154,31 @@ impl ConsumerContext for SinkContext {
         if let Rebalance::Assign(assigned) = rebalance {
             let mut tracker = lock(&self.tracker);
             let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
+            let taken_over = self.takeover.swap(false, Ordering::Relaxed);
             for p in &partitions {
-                tracker.assign(*p);
+                if taken_over {
+                    tracker.assign_taken_over(*p, self.takeover_fence);
+                } else {
+                    tracker.assign(*p);
+                }
                 self.owner.assign(*p);
             }
-            // A partition may come back with the pause flag of its previous assignment;
-            // the tracker starts it unpaused, so the consumer must too.
-            if let Err(error) = consumer.resume(assigned) {
+            if self.draining.load(Ordering::Relaxed) {
+                // Leaving: read nothing more; the next owner reads them from the commit.
+                if let Err(error) = consumer.pause(assigned) {
+                    tracing::warn!(%error, "pausing partitions assigned while draining failed");
+                }
+            } else if let Err(error) = consumer.resume(assigned) {
+                // A partition may come back with the pause flag of its previous assignment;
+                // the tracker starts it unpaused, so the consumer must too.
                 tracing::warn!(%error, "resuming newly assigned partitions failed");
+            }
+            if taken_over {
+                tracing::info!(
+                    ?partitions,
+                    extra_fence_ms = self.takeover_fence.as_millis() as u64,
+                    "assigned after a forced rejoin: a previous owner may still be finishing, so suspect rows wait the session timeout more before their lookups"
+                );
             }
             self.group_refused.store(false, Ordering::Relaxed);
             self.metrics

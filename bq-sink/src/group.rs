@@ -242,6 +242,10 @@ pub async fn watch(
                     "partitions with records waiting have no owner: rejoining the group"
                 );
                 metrics.group_rejoins.inc();
+                // The partitions may still have a live owner that has not heard of the new
+                // assignment yet (judged by committed progress, it may only be slow or
+                // draining): the assignment this rejoin brings waits longer before lookups.
+                consumer.context().takeover.store(true, Ordering::Relaxed);
                 let (c, t) = (consumer.clone(), topic.clone());
                 let rejoined = tokio::task::spawn_blocking(move || {
                     c.unsubscribe();

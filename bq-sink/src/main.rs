@@ -246,6 +246,9 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
             group_refused: Default::default(),
             assignment_lost: Default::default(),
             health: Default::default(),
+            takeover: Default::default(),
+            takeover_fence: config.session_timeout,
+            draining: Default::default(),
         })
         .context("creating the Kafka consumer")?;
     consumer

@@ -30,6 +30,10 @@ struct PartitionState {
     paused: bool,
     /// When this consumer was assigned the partition.
     assigned_at: Option<std::time::Instant>,
+    /// Added to the fence for this assignment: the partition was taken over by a rejoin the
+    /// group guard forced, so its previous owner may be alive and not yet told (see
+    /// `assign_taken_over`).
+    extra_fence: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -59,8 +63,23 @@ impl OffsetTracker {
             .get_or_insert_with(std::time::Instant::now);
     }
 
-    /// How long a lookup of the partition's suspect rows must still wait for `fence` after the
-    /// assignment to have passed (zero when it has, or for a partition not owned).
+    /// Starts tracking a partition given to this consumer after a rejoin the group guard forced
+    /// because the partition looked ownerless. Where the broker does not describe the group
+    /// (tansu), "ownerless" is judged by committed progress, so the previous owner may be alive
+    /// (slow, or draining) and learn of the new assignment only at its next heartbeat; a broker
+    /// that does not wait for every member to rejoin (tansu again) hands the partition over
+    /// before that. `extra` (the session timeout: within it the previous owner has either
+    /// heartbeated and stopped, or lost its session) is added to the fence of this assignment.
+    pub fn assign_taken_over(&mut self, partition: i32, extra: std::time::Duration) {
+        self.assign(partition);
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.extra_fence = state.extra_fence.max(extra);
+        }
+    }
+
+    /// How long a lookup of the partition's suspect rows must still wait for `fence` (plus the
+    /// assignment's extra fence) after the assignment to have passed (zero when it has, or for
+    /// a partition not owned).
     pub fn fence_remaining(
         &self,
         partition: i32,
@@ -68,9 +87,9 @@ impl OffsetTracker {
     ) -> std::time::Duration {
         self.partitions
             .get(&partition)
-            .and_then(|s| s.assigned_at)
-            .map_or(std::time::Duration::ZERO, |at| {
-                fence.saturating_sub(at.elapsed())
+            .and_then(|s| Some((s.assigned_at?, s.extra_fence)))
+            .map_or(std::time::Duration::ZERO, |(at, extra)| {
+                (fence + extra).saturating_sub(at.elapsed())
             })
     }
 
@@ -406,5 +425,26 @@ mod tests {
             t.fence_remaining(0, std::time::Duration::ZERO),
             std::time::Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_partition_taken_over_by_a_forced_rejoin_waits_the_extra_fence() {
+        let mut t = OffsetTracker::new(10);
+        let (fence, extra) = (
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(60),
+        );
+        t.assign(0);
+        t.assign_taken_over(1, extra);
+        assert!(t.fence_remaining(0, fence) <= fence);
+        let left = t.fence_remaining(1, fence);
+        assert!(
+            left > std::time::Duration::from_secs(61) && left <= fence + extra,
+            "{left:?}"
+        );
+        // The extra fence belongs to that assignment only.
+        t.revoke(1);
+        t.assign(1);
+        assert!(t.fence_remaining(1, fence) <= fence);
     }
 }

@@ -190,6 +190,21 @@ impl<W: Warehouse, S: Shelf> Pipeline<W, S> {
         }
 
         tracing::info!(rows = batches.rows(), "draining: flushing buffered rows");
+        // The drain keeps serving the consumer: the group may hand partitions to another
+        // member meanwhile (a member joining, or the guard of one that judged them ownerless),
+        // and only a poll runs the revoke that stops their writes and finalizes their streams
+        // before the new owner looks their rows up. Nothing more is read (every partition
+        // paused, including any assigned meanwhile), and commits go on, so the group sees
+        // progress while a slow BigQuery is drained.
+        self.consumer
+            .context()
+            .draining
+            .store(true, Ordering::Relaxed);
+        if let Ok(assignment) = self.consumer.assignment()
+            && let Err(error) = self.consumer.pause(&assignment)
+        {
+            tracing::warn!(%error, "pausing consumption for the drain failed");
+        }
         let drained = tokio::time::timeout(self.drain_timeout, async {
             loop {
                 if fatal.is_none() {
@@ -206,16 +221,29 @@ impl<W: Warehouse, S: Shelf> Pipeline<W, S> {
                         }
                     }
                 }
-                match tasks.join_next().await {
-                    Some(Ok(Some(table))) => {
-                        busy.remove(&table);
-                    }
-                    Some(Ok(None)) => {}
-                    Some(Err(error)) => {
-                        tracing::error!(%error, "a write task failed while draining");
-                        fatal.get_or_insert(Fatal::TaskPanicked(error.to_string()));
-                    }
-                    None => break,
+                if tasks.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    Some(joined) = tasks.join_next() => match joined {
+                        Ok(Some(table)) => {
+                            busy.remove(&table);
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::error!(%error, "a write task failed while draining");
+                            fatal.get_or_insert(Fatal::TaskPanicked(error.to_string()));
+                        }
+                    },
+                    _ = commit_tick.tick() => committer.commit().await,
+                    message = self.consumer.recv() => match message {
+                        // Read before the pause took effect: the next owner's, from the
+                        // commit (never tracked, so no commit passes it).
+                        Ok(message) => tracing::debug!(partition = message.partition(), offset = message.offset(), "record read while draining, left for the next owner"),
+                        // Broker trouble: do not spin on it.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    },
                 }
             }
         })

@@ -28,7 +28,8 @@ struct Rules {
     /// (gRPC: PERMISSION_DENIED).
     denied: Vec<(String, String)>,
     /// Every write (insertAll; gRPC AppendRows) is answered with this HTTP status (gRPC:
-    /// UNAVAILABLE), without reaching the emulator.
+    /// UNAVAILABLE), without reaching the emulator; an AppendRows call already open is cut at
+    /// its next append.
     fail_writes: Option<u16>,
     /// Every request waits this long before it is forwarded.
     delay: Duration,
@@ -298,10 +299,20 @@ impl State {
         let rest: Body = if ended {
             full(first)
         } else {
+            // A write call already open when writes start failing (one gRPC AppendRows call
+            // carries many appends) is cut at its next append, as a failing server would.
+            let (rules, refused) = (self.rules.clone(), self.refused.clone());
+            let cut = is_write(&path);
             let stream = futures_util::stream::once(async move {
                 Ok::<_, BoxError>(hyper::body::Frame::data(first))
             })
-            .chain(http_body_util::BodyStream::new(body).map(|f| f.map_err(BoxError::from)));
+            .chain(http_body_util::BodyStream::new(body).map(move |f| {
+                if cut && lock(&rules).fail_writes.is_some() {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(BoxError::from("writes failing (fault proxy)"));
+                }
+                f.map_err(BoxError::from)
+            }));
             BodyExt::boxed(http_body_util::StreamBody::new(stream))
         };
         let mut forward = Request::from_parts(parts, rest);

@@ -174,6 +174,71 @@ async fn a_rebalance_while_an_append_is_in_flight_to_a_slow_bigquery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_draining_into_failing_writes_hands_its_partitions_over_and_writes_nothing_twice() {
+    let stream = new_stream();
+    let table = format!("local-project.{}.orders", unique("drainhandover"));
+    let wiring = Wiring::new(write_catalogue(&[(&stream, &table, "UTC")]), 2).await;
+    let gateway = wiring.gateway(&[]).await;
+    let proxy = FaultyBigQuery::start(&wiring.servers).await;
+    let [rest, grpc] = proxy.sink_env();
+    // A drain far longer than the handover takes: the sink must not sit it out.
+    let leaving = wiring
+        .sink(&with(&[
+            (rest.0, &rest.1),
+            (grpc.0, &grpc.1),
+            ("HOOKPIPE_DRAIN_TIMEOUT", "300s"),
+        ]))
+        .await;
+    // Past the suspect window of the assignment (400): the rows it holds next are not looked
+    // up before it writes them, as after any long run.
+    let mut acked = send_hits(&gateway.url, &stream, 450, 4, Duration::ZERO).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(60))
+        .await;
+    // Its writes now fail; it reads the next hits and holds them.
+    proxy.fail_writes(Some(503));
+    acked.extend(send_hits(&gateway.url, &stream, 100, 4, Duration::ZERO).await);
+    eventually(
+        Duration::from_secs(30),
+        "the sink to hold the new hits",
+        || {
+            let admin = leaving.admin.clone();
+            async move { (metric(&admin, "bq_sink_buffered_rows", &[]).await >= 100.0).then_some(()) }
+        },
+    )
+    .await;
+    // Asked to stop, it drains (retrying the failing writes) while a new member joins.
+    leaving.proc.signal("TERM");
+    let next = wiring.sink(&with(&[])).await;
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(90))
+        .await;
+    // BigQuery answers the leaving sink again: it must have stopped writing what it no longer
+    // owns, and it leaves (status 0) well within its drain timeout.
+    proxy.fail_writes(None);
+    let mut leaving = leaving;
+    let status =
+        tokio::task::spawn_blocking(move || leaving.proc.terminate(Duration::from_secs(60)))
+            .await
+            .unwrap();
+    assert!(status.success(), "the leaving sink exited with {status:?}");
+    wiring
+        .assert_exactly_once(&table, &acked, Duration::from_secs(60))
+        .await;
+    eventually(
+        Duration::from_secs(30),
+        "the remaining sink to own every partition",
+        || {
+            let admin = next.admin.clone();
+            async move {
+                (metric(&admin, "bq_sink_owned_partitions", &[]).await == 2.0).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_emulator_restarting_mid_stream_loses_and_duplicates_nothing() {
     let mut emulator = PrivateEmulator::start().await;
     let servers = Servers {
