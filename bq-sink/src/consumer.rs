@@ -154,7 +154,9 @@ impl ConsumerContext for SinkContext {
         if let Rebalance::Assign(assigned) = rebalance {
             let mut tracker = lock(&self.tracker);
             let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
-            let taken_over = self.takeover.swap(false, Ordering::Relaxed);
+            // An empty assignment keeps the flag for the next one (a coordinator may give a
+            // rejoined member nothing at first and the orphans a rebalance later).
+            let taken_over = !partitions.is_empty() && self.takeover.swap(false, Ordering::Relaxed);
             for p in &partitions {
                 if taken_over {
                     tracker.assign_taken_over(*p, self.takeover_fence);
