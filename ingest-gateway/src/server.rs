@@ -180,12 +180,18 @@ pub async fn serve<H, F, B>(
         let service =
             service_fn(move |request: Request<Incoming>| for_hyper(handler(request, peer)));
         let (http1, both) = (http1.clone(), both.clone());
-        let closing = closing.clone();
+        let (closing, cancel) = (closing.clone(), cancel.clone());
         connections.spawn(async move {
             // hyper's header timeout starts at the first byte: a client that connects and
-            // says nothing is dropped here instead.
+            // says nothing is dropped here instead, and at once on shutdown (load balancers
+            // keep such pre-opened connections; they must not hold a rollout up).
             let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+            let peeked = tokio::select! {
+                biased;
+                peeked = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => peeked,
+                () = cancel.cancelled() => return,
+            };
+            match peeked {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
@@ -241,8 +247,9 @@ mod tests {
         String::from_utf8(got).unwrap()
     }
 
-    /// At shutdown an idle keep-alive connection is closed at once and a request in flight is
-    /// answered before its connection closes; the server returns without waiting out the drain.
+    /// At shutdown an idle keep-alive connection and one that has sent nothing yet are closed at
+    /// once, and a request in flight is answered before its connection closes; the server
+    /// returns without waiting out the drain or the header timeout.
     #[tokio::test]
     async fn shutdown_closes_idle_connections_and_finishes_requests_in_flight() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -273,6 +280,8 @@ mod tests {
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(REQUEST).await.unwrap();
         assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+        // Connected, and has sent nothing (a load balancer's pre-opened connection).
+        let mut silent = TcpStream::connect(addr).await.unwrap();
         let mut busy = TcpStream::connect(addr).await.unwrap();
         let waiting =
             [&b"POST /x HTTP/1.1\r\nHost: t\r\nX-Wait: 1\r\nContent-Length: 2\r\n\r\nhi"[..]]
@@ -285,6 +294,9 @@ mod tests {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut rest));
         assert_eq!(read.await.expect("idle connection closed").unwrap(), 0);
+        // So is the silent one, long before its 30 s header timeout.
+        let read = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut rest));
+        assert_eq!(read.await.expect("silent connection closed").unwrap(), 0);
         assert!(!server.is_finished(), "a request is still in flight");
 
         release.notify_one();
