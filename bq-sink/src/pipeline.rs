@@ -200,11 +200,13 @@ impl<W: Warehouse, S: Shelf> Pipeline<W, S> {
             .context()
             .draining
             .store(true, Ordering::Relaxed);
-        if let Ok(assignment) = self.consumer.assignment()
-            && let Err(error) = self.consumer.pause(&assignment)
-        {
-            tracing::warn!(%error, "pausing consumption for the drain failed");
-        }
+        apply_pauses(
+            &self.consumer,
+            &self.writer.tracker,
+            &self.writer.topic,
+            true,
+            pause_span,
+        );
         let drained = tokio::time::timeout(self.drain_timeout, async {
             loop {
                 if fatal.is_none() {
